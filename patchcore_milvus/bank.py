@@ -1,0 +1,178 @@
+"""A category's memory bank in Milvus, opened for scoring: images in, inspections out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from patchcore_milvus.config import Config
+from patchcore_milvus.errors import BankMismatchError, ImageError
+from patchcore_milvus.features import FeaturePipeline, describe_mismatch
+from patchcore_milvus.images import load_rgb
+from patchcore_milvus.scoring import anomaly_maps, reweighting_factor, to_original_size
+from patchcore_milvus.store import BankStore
+
+
+@dataclass
+class Inspection:
+    """The result for one image. `anomaly_map` has the original image's size (H, W)."""
+
+    path: str
+    image_score: float
+    image_threshold: float | None
+    pixel_threshold: float | None
+    anomaly_map: np.ndarray = field(repr=False)
+    # The training patch nearest to the most anomalous test patch: where the bank "looked".
+    nearest_patch: dict[str, Any]
+    timings_ms: dict[str, float]
+    # The RGB image as scored, for drawing overlays.
+    image: Image.Image = field(repr=False)
+
+    @property
+    def verdict(self) -> str | None:
+        if self.image_threshold is None:
+            return None
+        return "DEFECT" if self.image_score > self.image_threshold else "OK"
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        if self.pixel_threshold is None:
+            return None
+        return self.anomaly_map > self.pixel_threshold
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the map, ready for JSON."""
+        return {
+            "path": self.path,
+            "score": round(self.image_score, 6),
+            "threshold": self.image_threshold,
+            "verdict": self.verdict,
+            "pixel_threshold": self.pixel_threshold,
+            "defect_pixels": int(self.mask.sum()) if self.mask is not None else None,
+            "nearest_patch": self.nearest_patch,
+            "ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+        }
+
+
+class Bank:
+    """Scores images against one bank collection. Open it with `Bank.open` (checks the extractor)."""
+
+    def __init__(
+        self, store: BankStore, collection: str, description: dict[str, Any], features: FeaturePipeline, config: Config
+    ):
+        self.store = store
+        self.collection = collection
+        self.description = description
+        self.features = features
+        self.config = config
+        stored = description.get("thresholds") or {}
+        self.image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
+        self.pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
+
+    @classmethod
+    def open(
+        cls, category: str, config: Config, store: BankStore | None = None, features: FeaturePipeline | None = None
+    ) -> Bank:
+        """The category's current bank; refuses an extractor that differs from the bank's."""
+        store = store or BankStore(config.uri, config.token, config.milvus_timeout)
+        collection = store.resolve(category)
+        store.ensure_loaded(collection)
+        description = store.read_description(collection)
+        features = features or FeaturePipeline(config)
+        differences = describe_mismatch(description["extractor"], features.description)
+        if differences:
+            raise BankMismatchError(
+                f"the feature extractor does not match bank {category!r}:\n  "
+                + "\n  ".join(differences)
+                + "\nUse the options (or the config file) the bank was ingested with, or re-ingest it."
+            )
+        return cls(store, collection, description, features, config)
+
+    def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
+        """Score files in batches; a file that is not a usable image yields its error and the rest go on."""
+        batch: list[tuple[Path, Image.Image, float]] = []
+        for path in paths:
+            start = time.perf_counter()
+            try:
+                image = load_rgb(path)
+            except ImageError as exc:
+                yield path, exc
+                continue
+            batch.append((path, image, (time.perf_counter() - start) * 1000))
+            if len(batch) == self.config.batch_size:
+                yield from self._score_loaded(batch)
+                batch = []
+        if batch:
+            yield from self._score_loaded(batch)
+
+    def _score_loaded(self, batch: list[tuple[Path, Image.Image, float]]) -> Iterator[tuple[Path, Inspection]]:
+        inspections = self.score_images([image for _, image, _ in batch], [str(path) for path, _, _ in batch])
+        for (path, _, load_ms), inspection in zip(batch, inspections):
+            inspection.timings_ms = {"load": load_ms, **inspection.timings_ms}
+            yield path, inspection
+
+    def score_images(self, images: list[Image.Image], names: list[str]) -> list[Inspection]:
+        """Score RGB images: all their patches go to Milvus in one search with top_k = 1."""
+        t0 = time.perf_counter()
+        batch = torch.stack([self.features.preprocess(image) for image in images])
+        patches = self.features(batch)
+        n, h, w, dim = patches.shape
+        flat = patches.reshape(-1, dim).numpy()
+        t1 = time.perf_counter()
+        search = self.config.effective_search_params
+        distances, ids = self.store.search(self.collection, flat, 1, search)
+        patch_scores = distances[:, 0].reshape(n, h * w)
+        worst = patch_scores.argmax(axis=1)
+        nearest_ids = ids[:, 0].reshape(n, h * w)[np.arange(n), worst]
+        nearest_rows = self.store.get_rows(self.collection, nearest_ids)
+        weights = np.ones(n)
+        if self.config.reweight:
+            weights = self._reweighting(flat.reshape(n, h * w, dim)[np.arange(n), worst], nearest_rows)
+        t2 = time.perf_counter()
+        maps = anomaly_maps(
+            torch.from_numpy(patch_scores.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
+        )
+        results = []
+        for i, image in enumerate(images):
+            results.append(
+                Inspection(
+                    path=names[i],
+                    image_score=float(patch_scores[i, worst[i]] * weights[i]),
+                    image_threshold=self.image_threshold,
+                    pixel_threshold=self.pixel_threshold,
+                    anomaly_map=to_original_size(maps[i], self.features.preprocess, *image.size),
+                    nearest_patch={k: nearest_rows[i][k] for k in ("image", "patch_y", "patch_x")},
+                    timings_ms={},
+                    image=image,
+                )
+            )
+        t3 = time.perf_counter()
+        per_image = {"extract": t1 - t0, "search": t2 - t1, "post": t3 - t2}
+        for result in results:
+            result.timings_ms = {k: v * 1000 / n for k, v in per_image.items()}
+        return results
+
+    def _reweighting(self, worst_patches: np.ndarray, nearest_rows: list[dict[str, Any]]) -> np.ndarray:
+        """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank."""
+        b = self.config.reweight_neighbors
+        centres = np.stack([row["vector"] for row in nearest_rows])
+        _, neighbour_ids = self.store.search(self.collection, centres, b + 1, self.config.effective_search_params)
+        candidate_ids = []
+        for row, ids in zip(nearest_rows, neighbour_ids):
+            others = [int(i) for i in ids if i >= 0 and i != row["id"]][:b]
+            candidate_ids.append([row["id"], *others])
+        rows = self.store.get_rows(self.collection, [i for ids in candidate_ids for i in ids])
+        vectors = {row["id"]: row["vector"] for row in rows}
+        return np.array(
+            [
+                reweighting_factor(patch, np.stack([vectors[i] for i in ids]))
+                for patch, ids in zip(worst_patches, candidate_ids)
+            ]
+        )

@@ -1,0 +1,284 @@
+"""The `patchcore-milvus` command: ingest, query, collections, drop, config show."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import yaml
+
+from patchcore_milvus import __version__
+from patchcore_milvus.config import BACKBONES, INDEX_TYPES, NORMALIZATIONS, TOKEN_ENV, Config, load_config
+from patchcore_milvus.errors import ImageError, PatchcoreMilvusError
+
+# Flags shared by several commands, each named after its config option (dashes for underscores).
+_OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "uri": click.option("--uri", help="Milvus Lite file (*.db) or http(s)://host:port of a Milvus server."),
+    "backbone": click.option("--backbone", type=click.Choice(BACKBONES), help="Pretrained CNN."),
+    "weights": click.option("--weights", help="Backbone weights file (state dict), or 'random' for tests."),
+    "image_size": click.option("--image-size", type=int, help="Images are resized to this square size."),
+    "center_crop": click.option("--center-crop", type=int, help="Centre crop after resizing (default: none)."),
+    "normalization": click.option("--normalization", type=click.Choice(NORMALIZATIONS), help="Input statistics."),
+    "target_dim": click.option("--target-dim", type=int, help="Pool patch features to this many dims."),
+    "coreset_ratio": click.option("--coreset-ratio", type=float, help="Fraction of patches kept in the bank."),
+    "coreset_size": click.option("--coreset-size", type=int, help="Absolute coreset size (wins over ratio)."),
+    "index_type": click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), help="Milvus index type."),
+    "holdout_ratio": click.option("--holdout-ratio", type=float, help="Good images held out for thresholds."),
+    "threshold_sigma": click.option("--threshold-sigma", type=float, help="Threshold margin in std devs."),
+    "image_threshold": click.option("--image-threshold", type=float, help="Override the stored image threshold."),
+    "pixel_threshold": click.option("--pixel-threshold", type=float, help="Override the stored pixel threshold."),
+    "reweight": click.option("--reweight/--no-reweight", default=None, help="Image-score re-weighting (eq. 7)."),
+    "batch_size": click.option("--batch-size", type=int, help="Images per batch."),
+    "num_threads": click.option("--num-threads", type=int, help="CPU threads for torch (default: all cores)."),
+    "progress": click.option("--progress/--no-progress", default=None, help="Progress bars."),
+    "milvus_timeout": click.option("--milvus-timeout", type=float, help="Seconds any Milvus call may take."),
+    "projection_dim": click.option("--projection-dim", type=int, help="Coreset random projection dims."),
+    "seed": click.option("--seed", type=int, help="Seed of projection, coreset start and hold-out split."),
+    "reweight_neighbors": click.option("--reweight-neighbors", type=int, help="b in the re-weighting."),
+    "blur_sigma": click.option("--blur-sigma", type=float, help="Map blur sigma at 256 px (scaled with size)."),
+    "index_params": click.option(
+        "--index-param",
+        "index_params",
+        multiple=True,
+        callback=lambda c, p, v: _pairs(v),
+        metavar="KEY=VALUE",
+        help="Index build parameter, e.g. M=32 (repeatable).",
+    ),
+    "search_params": click.option(
+        "--search-param",
+        "search_params",
+        multiple=True,
+        callback=lambda c, p, v: _pairs(v),
+        metavar="KEY=VALUE",
+        help="Search parameter, e.g. ef=128 (repeatable).",
+    ),
+}
+
+
+def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
+    """KEY=VALUE flags -> dict, values parsed as YAML scalars (so 32 is an int); None if not given."""
+    if not values:
+        return None
+    pairs = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        pairs[key] = yaml.safe_load(value)
+    return pairs
+
+
+EXTRACTOR = ["backbone", "weights", "image_size", "center_crop", "normalization", "target_dim"]
+
+
+def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add `--config` and the named flags; the command receives the merged Config as `config`."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            overrides = {name: kwargs.pop(name) for name in names}
+            kwargs["config"] = load_config(kwargs.pop("config_file"), **overrides)
+            torch.set_num_threads(kwargs["config"].num_threads or os.cpu_count() or 1)
+            return command(*args, **kwargs)
+
+        for name in reversed(names):
+            wrapper = _OPTIONS[name](wrapper)
+        return click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            envvar="PATCHCORE_MILVUS_CONFIG",
+            help="YAML config file (flags win over it).",
+        )(wrapper)
+
+    return decorate
+
+
+class _Group(click.Group):
+    """Prints a PatchcoreMilvusError as one clear message, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PatchcoreMilvusError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__)
+def main() -> None:
+    """PatchCore visual inspection with its memory banks in Milvus."""
+
+
+@main.command()
+@click.argument("data_root", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--category", required=True, help="Product category; also the bank's name in Milvus.")
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Any folder of good images, instead of DATA_ROOT/<category>/train/good.",
+)
+@config_options(
+    "uri",
+    "milvus_timeout",
+    *EXTRACTOR,
+    "coreset_ratio",
+    "coreset_size",
+    "projection_dim",
+    "seed",
+    "index_type",
+    "index_params",
+    "search_params",
+    "holdout_ratio",
+    "threshold_sigma",
+    "reweight",
+    "reweight_neighbors",
+    "blur_sigma",
+    "batch_size",
+    "num_threads",
+    "progress",
+)
+def ingest(data_root: Path | None, category: str, images_dir: Path | None, config: Config) -> None:
+    """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
+    from patchcore_milvus.images import list_images
+    from patchcore_milvus.ingest import fit_bank
+
+    if images_dir is None:
+        if data_root is None:
+            raise click.UsageError("give DATA_ROOT (MVTec AD layout) or --images DIR")
+        images_dir = data_root / category / "train" / "good"
+        if not images_dir.is_dir():
+            raise ImageError(
+                f"{images_dir} does not exist: DATA_ROOT must hold <category>/train/good/ (the MVTec AD layout); "
+                "for any other folder of good images use --images DIR"
+            )
+        root = data_root / category
+    else:
+        root = images_dir
+    images = list_images(images_dir)
+    if not images:
+        raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
+    summary = fit_bank(category, images, config, root=root)
+    click.echo("\n".join(summary.lines()))
+
+
+def _expand(inputs: tuple[Path, ...]) -> list[Path]:
+    from patchcore_milvus.images import list_images
+
+    paths: list[Path] = []
+    for item in inputs:
+        paths.extend(list_images(item) if item.is_dir() else [item])
+    return paths
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--category", required=True, help="Which bank to score against.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write per image: raw map (.npy), overlay (PNG), mask (PNG).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead of text lines.")
+@config_options(
+    "uri",
+    "milvus_timeout",
+    *EXTRACTOR,
+    "seed",
+    "search_params",
+    "image_threshold",
+    "pixel_threshold",
+    "reweight",
+    "reweight_neighbors",
+    "blur_sigma",
+    "batch_size",
+    "num_threads",
+)
+def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json: bool, config: Config) -> None:
+    """Score images (files or folders) against CATEGORY's bank: score, verdict, map, mask."""
+    from patchcore_milvus.bank import Bank
+    from patchcore_milvus.visualize import output_stems, write_outputs
+
+    paths = _expand(inputs)
+    stems = dict(zip(paths, output_stems(paths)))
+    bank = Bank.open(category, config)
+    failed = 0
+    for path, result in bank.score_paths(paths):
+        if isinstance(result, ImageError):
+            failed += 1
+            click.secho(f"skipped {result}", fg="yellow", err=True)
+            continue
+        record = result.summary()
+        if out_dir is not None:
+            record["files"] = [str(p) for p in write_outputs(out_dir, stems[path], result)]
+        if as_json:
+            click.echo(json.dumps(record))
+        else:
+            threshold = "none" if result.image_threshold is None else f"{result.image_threshold:.3f}"
+            click.echo(
+                f"{path}  score {result.image_score:.3f}  threshold {threshold}  "
+                f"{result.verdict or '-'}  {sum(result.timings_ms.values()):.0f} ms"
+            )
+    if failed:
+        click.secho(f"{failed} of {len(paths)} files could not be scored", fg="red", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@config_options("uri", "milvus_timeout")
+def collections(config: Config) -> None:
+    """List the banks: category, vectors, dim, index, backbone, created."""
+    from patchcore_milvus.store import BankStore
+
+    banks = BankStore(config.uri, config.token, config.milvus_timeout).list_banks()
+    if not banks:
+        click.echo(f"no banks at {config.uri}")
+        return
+    columns = ["category", "vectors", "dim", "index", "backbone", "created", "collection"]
+    rows = [[str(bank[c]) for c in columns] for bank in banks]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    for row in [columns, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.argument("category")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@config_options("uri", "milvus_timeout")
+def drop(category: str, yes: bool, config: Config) -> None:
+    """Delete CATEGORY's bank (all its versions)."""
+    from patchcore_milvus.store import BankStore
+
+    store = BankStore(config.uri, config.token, config.milvus_timeout)
+    store.resolve(category)
+    if not yes:
+        click.confirm(f"delete the bank {category!r} at {config.uri}?", abort=True)
+    dropped = store.drop(category)
+    click.echo(f"dropped {category}: {', '.join(dropped)}")
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@config_options(*_OPTIONS)
+def config_show(config: Config) -> None:
+    """Print the effective configuration (defaults < config file < flags) as YAML."""
+    values = config.to_dict()
+    values["index_params"] = config.effective_index_params
+    values["search_params"] = config.effective_search_params
+    click.echo(yaml.safe_dump(values, sort_keys=False).rstrip())
+    click.echo(f"# Milvus token: {'set (hidden)' if config.token else 'not set'}, from ${TOKEN_ENV}")

@@ -1,0 +1,196 @@
+"""One flat, explicit set of options; a YAML file and CLI flags fill it, flags win."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from patchcore_milvus.errors import ConfigError
+
+BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
+NORMALIZATIONS = ("imagenet", "backbone")
+INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
+
+DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
+    "HNSW": {"M": 16, "efConstruction": 200},
+    "HNSW_SQ": {"M": 16, "efConstruction": 200, "sq_type": "SQ8"},
+    "IVF_FLAT": {"nlist": 1024},
+    "IVF_SQ8": {"nlist": 1024},
+}
+DEFAULT_SEARCH_PARAMS: dict[str, dict[str, Any]] = {
+    "HNSW": {"ef": 64},
+    "HNSW_SQ": {"ef": 64},
+    "IVF_FLAT": {"nprobe": 32},
+    "IVF_SQ8": {"nprobe": 32},
+}
+
+TOKEN_ENV = "MILVUS_TOKEN"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every option of ingest and query. Defaults are the documented configuration."""
+
+    # Where the banks live: a Milvus Lite file (*.db) or http(s)://host:port of a server.
+    uri: str = "./patchcore_milvus.db"
+    # Seconds any single Milvus call may take before it fails.
+    milvus_timeout: float = 600.0
+
+    # Feature extractor. `weights`: null = the backbone's standard source, a file path,
+    # or "random" (seeded random weights, for tests only).
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    image_size: int = 256
+    center_crop: int | None = None
+    normalization: str = "imagenet"
+    target_dim: int | None = None
+
+    # Coreset: `coreset_size` (an absolute count) wins over `coreset_ratio`.
+    coreset_ratio: float = 0.1
+    coreset_size: int | None = None
+    projection_dim: int = 128
+    seed: int = 0
+
+    # Milvus index; empty params take the defaults for the index type.
+    index_type: str = "HNSW"
+    index_params: dict[str, Any] = field(default_factory=dict)
+    search_params: dict[str, Any] = field(default_factory=dict)
+
+    # Scoring.
+    reweight: bool = True
+    reweight_neighbors: int = 9
+    blur_sigma: float = 4.0
+
+    # Thresholds: calibrated on held-out good images at ingest unless given here.
+    holdout_ratio: float = 0.1
+    threshold_sigma: float = 3.0
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+
+    # Runtime.
+    batch_size: int = 8
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_values(self)
+
+    @property
+    def effective_index_params(self) -> dict[str, Any]:
+        return {**DEFAULT_INDEX_PARAMS[self.index_type], **self.index_params}
+
+    @property
+    def effective_search_params(self) -> dict[str, Any]:
+        return {**DEFAULT_SEARCH_PARAMS[self.index_type], **self.search_params}
+
+    @property
+    def token(self) -> str:
+        """The Milvus token, read from the environment so that it never sits in a file or flag."""
+        return os.environ.get(TOKEN_ENV, "")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Config from defaults, then the YAML file at `path`, then `overrides` (None = not given)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(option_names()))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(option_names())}")
+    return Config(**values)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value")
+    return data
+
+
+def _accepts(value: Any, annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _check_types(config: Config) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _accepts(value, hints[f.name]):
+            expected = str(hints[f.name]).replace("typing.", "")
+            raise ConfigError(f"option {f.name} must be {expected}, got {value!r}")
+
+
+def _check_values(c: Config) -> None:
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    require(c.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {c.backbone!r}")
+    require(
+        c.normalization in NORMALIZATIONS,
+        f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {c.normalization!r}",
+    )
+    require(c.index_type in INDEX_TYPES, f"index_type must be one of {', '.join(INDEX_TYPES)}, got {c.index_type!r}")
+    require(c.image_size >= 32, f"image_size must be at least 32 pixels, got {c.image_size}")
+    require(
+        c.center_crop is None or 32 <= c.center_crop <= c.image_size,
+        f"center_crop must lie between 32 and image_size ({c.image_size}), got {c.center_crop}",
+    )
+    require(c.target_dim is None or c.target_dim > 0, f"target_dim must be positive, got {c.target_dim}")
+    require(0 < c.coreset_ratio <= 1, f"coreset_ratio must be in (0, 1], got {c.coreset_ratio}")
+    require(c.coreset_size is None or c.coreset_size > 0, f"coreset_size must be positive, got {c.coreset_size}")
+    require(c.projection_dim > 0, f"projection_dim must be positive, got {c.projection_dim}")
+    require(c.reweight_neighbors >= 1, f"reweight_neighbors must be at least 1, got {c.reweight_neighbors}")
+    require(c.blur_sigma >= 0, f"blur_sigma must not be negative, got {c.blur_sigma}")
+    require(0 <= c.holdout_ratio < 1, f"holdout_ratio must be in [0, 1), got {c.holdout_ratio}")
+    require(c.threshold_sigma >= 0, f"threshold_sigma must not be negative, got {c.threshold_sigma}")
+    require(c.batch_size >= 1, f"batch_size must be at least 1, got {c.batch_size}")
+    require(c.num_threads is None or c.num_threads >= 1, f"num_threads must be at least 1, got {c.num_threads}")
+    require(c.milvus_timeout > 0, f"milvus_timeout must be positive, got {c.milvus_timeout}")
+    is_server = c.uri.startswith(("http://", "https://"))
+    require(
+        is_server or c.uri.endswith(".db"),
+        f"uri must be http(s)://host:port for a Milvus server or a file path ending in .db "
+        f"for embedded Milvus Lite, got {c.uri!r}",
+    )

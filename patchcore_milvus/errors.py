@@ -1,0 +1,29 @@
+"""Errors a user can act on: each message says what was wrong and what to do."""
+
+
+class PatchcoreMilvusError(Exception):
+    """Base class: the CLI prints these as one clear line instead of a traceback."""
+
+
+class ConfigError(PatchcoreMilvusError):
+    """An option has an unknown name, the wrong type or an impossible value."""
+
+
+class ImageError(PatchcoreMilvusError):
+    """A file could not be read as an image."""
+
+
+class WeightsUnavailableError(PatchcoreMilvusError):
+    """Pretrained weights could neither be found locally nor downloaded."""
+
+
+class BankNotFoundError(PatchcoreMilvusError):
+    """No memory bank exists for the requested category."""
+
+
+class BankMismatchError(PatchcoreMilvusError):
+    """The query's feature extractor differs from the one the bank was built with."""
+
+
+class StoreError(PatchcoreMilvusError):
+    """Milvus could not be reached or refused an operation."""

@@ -1,0 +1,76 @@
+"""Image files in, normalised network input out: any mode, size or orientation becomes RGB."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from patchcore_milvus.errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+NORMALIZATION_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted so that runs are reproducible."""
+    if not folder.is_dir():
+        raise ImageError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Read any image PIL understands as 8-bit RGB, with EXIF orientation applied."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc})") from exc
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float grey: stretch the value range to 8 bits instead of clipping it.
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+        image = Image.fromarray(scaled.round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (no crop by default, so that defects at the border stay in view), crop, normalise."""
+
+    image_size: int
+    center_crop: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def input_size(self) -> int:
+        return self.center_crop or self.image_size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        if self.center_crop is not None:
+            offset = (self.image_size - self.center_crop) // 2
+            resized = resized.crop((offset, offset, offset + self.center_crop, offset + self.center_crop))
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (tensor - mean) / std

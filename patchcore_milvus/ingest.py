@@ -1,0 +1,174 @@
+"""Fit a bank: good images -> patch features -> coreset -> Milvus -> calibrated thresholds."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from patchcore_milvus import __version__
+from patchcore_milvus.bank import Bank
+from patchcore_milvus.config import Config
+from patchcore_milvus.coreset import coreset_size, greedy_coreset
+from patchcore_milvus.errors import ImageError
+from patchcore_milvus.features import FeaturePipeline
+from patchcore_milvus.images import load_rgb
+from patchcore_milvus.store import BankStore, validate_category
+from patchcore_milvus.thresholds import RULE, calibrate, holdout_split
+
+
+@dataclass
+class IngestSummary:
+    category: str
+    collection: str
+    images: int
+    holdout_images: int
+    patches: int
+    coreset_size: int
+    dim: int
+    index: str
+    image_threshold: float | None
+    pixel_threshold: float | None
+    seconds: dict[str, float]
+
+    def lines(self) -> list[str]:
+        def fmt(value: float | None) -> str:
+            return "none (no held-out images)" if value is None else f"{value:.4f}"
+
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        return [
+            f"bank {self.category} -> collection {self.collection}",
+            f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds",
+            f"patches: {self.patches}, coreset: {self.coreset_size} x {self.dim} dims, index {self.index}",
+            f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}",
+            f"time: {stages}",
+        ]
+
+
+def extract_patches(
+    features: FeaturePipeline, paths: list[Path], batch_size: int, progress: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    """All patch embeddings of `paths` as (N, D), and for each its (image index, y, x)."""
+    chunks, positions = [], []
+    with tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            batch = torch.stack([features.preprocess(load_rgb(p)) for p in chunk])
+            patches = features(batch)
+            n, h, w, d = patches.shape
+            chunks.append(patches.reshape(-1, d))
+            grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), axis=-1).reshape(-1, 2)
+            for i in range(n):
+                positions.append(np.column_stack([np.full(h * w, start + i), grid]))
+            bar.update(n)
+    return torch.cat(chunks), np.concatenate(positions)
+
+
+def fit_bank(
+    category: str, images: list[Path], config: Config, store: BankStore | None = None, root: Path | None = None
+) -> IngestSummary:
+    """Build `category`'s bank from good `images` and publish it; the previous bank serves until then.
+
+    `root`: image names are recorded relative to it (default: the images' common folder).
+    """
+    validate_category(category)
+    if not images:
+        raise ImageError(f"no images to ingest for category {category!r}")
+    store = store or BankStore(config.uri, config.token, config.milvus_timeout)
+    root = root or Path(os.path.commonpath([Path(p).parent for p in images]))
+    names = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in images]
+    bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    features = FeaturePipeline(config)
+    patches, positions = extract_patches(features, [images[i] for i in bank_idx], config.batch_size, config.progress)
+    seconds["features"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    size = coreset_size(len(patches), config.coreset_ratio, config.coreset_size)
+    picks = greedy_coreset(patches, size, config.projection_dim, config.seed, config.progress)
+    seconds["coreset"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    collection = store.create_version(category, features.dim)
+    try:
+        store.insert(
+            collection,
+            patches[torch.as_tensor(picks)].numpy(),
+            [names[bank_idx[positions[i, 0]]] for i in picks],
+            positions[picks, 1:],
+        )
+        store.build_index(collection, config.index_type, config.effective_index_params)
+        seconds["milvus"] = time.perf_counter() - t
+
+        description: dict[str, Any] = {
+            "category": category,
+            "package_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "extractor": features.description,
+            "coreset": {
+                "projection_dim": config.projection_dim,
+                "projection_seed": config.seed,
+                "ratio": config.coreset_ratio,
+                "size": int(size),
+                "patches": len(patches),
+            },
+            "index": {"type": config.index_type, "params": config.effective_index_params},
+            "training_images": {"root": str(root), "bank": [names[i] for i in bank_idx]},
+        }
+        t = time.perf_counter()
+        description["thresholds"] = _calibrate_thresholds(
+            Bank(store, collection, description, features, config.replace(image_threshold=None, pixel_threshold=None)),
+            [images[i] for i in held_idx],
+            [names[i] for i in held_idx],
+            config.threshold_sigma,
+        )
+        seconds["thresholds"] = time.perf_counter() - t
+        store.write_description(collection, description)
+        store.publish(category, collection)
+    except BaseException:
+        store.client.drop_collection(collection)
+        raise
+    return IngestSummary(
+        category=category,
+        collection=collection,
+        images=len(bank_idx),
+        holdout_images=len(held_idx),
+        patches=len(patches),
+        coreset_size=int(size),
+        dim=features.dim,
+        index=config.index_type,
+        image_threshold=description["thresholds"]["image"],
+        pixel_threshold=description["thresholds"]["pixel"],
+        seconds=seconds,
+    )
+
+
+def _calibrate_thresholds(bank: Bank, paths: list[Path], names: list[str], sigma: float) -> dict[str, Any]:
+    """Score the held-out good images against the new bank and derive both thresholds."""
+    if not paths:
+        return {"image": None, "pixel": None, "rule": RULE, "sigma": sigma, "holdout": []}
+    image_scores, map_maxima = [], []
+    for _path, result in bank.score_paths(paths):
+        if isinstance(result, ImageError):
+            raise result
+        image_scores.append(result.image_score)
+        map_maxima.append(float(result.anomaly_map.max()))
+    return {
+        "image": calibrate(np.array(image_scores), sigma),
+        "pixel": calibrate(np.array(map_maxima), sigma),
+        "rule": RULE,
+        "sigma": sigma,
+        "holdout": [
+            {"image": name, "score": round(s, 6), "map_max": round(m, 6)}
+            for name, s, m in zip(names, image_scores, map_maxima)
+        ],
+    }

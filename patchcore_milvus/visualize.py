@@ -1,0 +1,105 @@
+"""Pictures a person reads at a glance: the original beside a heat-map overlay with the defect outlined."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from patchcore_milvus.bank import Inspection
+
+# Anchors of a blue -> cyan -> green -> yellow -> red map (like "jet"), interpolated linearly.
+_COLORMAP = np.array([[0, 0, 143], [0, 112, 255], [0, 220, 160], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
+OK_COLOR, DEFECT_COLOR, OUTLINE_COLOR = (0, 150, 60), (210, 0, 0), (255, 0, 255)
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8, shape (..., 3)."""
+    position = np.clip(values, 0.0, 1.0) * (len(_COLORMAP) - 1)
+    low = np.floor(position).astype(int).clip(0, len(_COLORMAP) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * _COLORMAP[low] + frac * _COLORMAP[low + 1]).round().astype(np.uint8)
+
+
+def display_range(inspection: Inspection) -> tuple[float, float]:
+    """Colours relative to the pixel threshold, so that every image shares one scale; red = well above it."""
+    if inspection.pixel_threshold is not None:
+        return 0.5 * inspection.pixel_threshold, 1.5 * inspection.pixel_threshold
+    return float(inspection.anomaly_map.min()), float(inspection.anomaly_map.max())
+
+
+def overlay_figure(inspection: Inspection) -> Image.Image:
+    """Original | overlay side by side, under a caption with score, threshold and verdict."""
+    image = inspection.image
+    low, high = display_range(inspection)
+    normalised = (inspection.anomaly_map - low) / max(high - low, 1e-12)
+    heat = Image.fromarray(heat_colors(normalised))
+    overlay = Image.blend(image, heat, 0.45)
+    mask = inspection.mask
+    if mask is not None and mask.any():
+        width = max(1, image.width // 300)
+        region = Image.fromarray(mask.astype(np.uint8) * 255)
+        edge = np.asarray(region.filter(ImageFilter.MaxFilter(2 * width + 1))) != np.asarray(
+            region.filter(ImageFilter.MinFilter(2 * width + 1))
+        )
+        pixels = np.asarray(overlay).copy()
+        pixels[edge] = OUTLINE_COLOR
+        overlay = Image.fromarray(pixels)
+    font_size = max(14, image.width // 35)
+    caption_height = int(font_size * 1.8)
+    figure = Image.new("RGB", (2 * image.width, image.height + caption_height), "white")
+    figure.paste(image, (0, caption_height))
+    figure.paste(overlay, (image.width, caption_height))
+    verdict = inspection.verdict or "no threshold"
+    threshold = "none" if inspection.image_threshold is None else f"{inspection.image_threshold:.2f}"
+    text = f"{Path(inspection.path).name}   score {inspection.image_score:.2f} / threshold {threshold}   {verdict}"
+    color = DEFECT_COLOR if verdict == "DEFECT" else OK_COLOR if verdict == "OK" else (0, 0, 0)
+    ImageDraw.Draw(figure).text(
+        (font_size // 2, font_size // 3), text, fill=color, font=ImageFont.load_default(size=font_size)
+    )
+    return figure
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """File-name stems unique among `paths`: the path below their common folder, '/' -> '_'.
+
+    Built from path parts only, never containing a separator, so no input name can make
+    an output land outside the output folder.
+    """
+    resolved = [p.resolve() for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path("/")
+    return ["_".join(p.relative_to(common).with_suffix("").parts) for p in resolved]
+
+
+def _save_atomically(target: Path, write: Callable[[str], object]) -> None:
+    """Write through a temporary file and rename, so a reader never sees a half-written file."""
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out_dir: Path, stem: str, inspection: Inspection) -> list[Path]:
+    """The raw map (.npy, float32), the overlay figure (PNG) and the binary mask (PNG, 0/255)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    raw = out_dir / f"{stem}_map.npy"
+    _save_atomically(raw, lambda p: np.save(p, inspection.anomaly_map.astype(np.float32)))
+    written.append(raw)
+    figure = out_dir / f"{stem}_overlay.png"
+    _save_atomically(figure, lambda p: overlay_figure(inspection).save(p, format="PNG"))
+    written.append(figure)
+    if inspection.mask is not None:
+        mask = out_dir / f"{stem}_mask.png"
+        pixels = Image.fromarray(inspection.mask.astype(np.uint8) * 255)
+        _save_atomically(mask, lambda p: pixels.save(p, format="PNG"))
+        written.append(mask)
+    return written
