@@ -152,7 +152,9 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, confi
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
     from patchcore_milvus.images import list_images
     from patchcore_milvus.ingest import fit_bank
+    from patchcore_milvus.store import validate_category
 
+    validate_category(category)
     if images_dir is None:
         if data_root is None:
             raise click.UsageError("give DATA_ROOT (MVTec AD layout) or --images DIR")

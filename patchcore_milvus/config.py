@@ -70,7 +70,7 @@ class Config:
 
     # Thresholds: calibrated on held-out good images at ingest unless given here.
     holdout_ratio: float = 0.1
-    threshold_sigma: float = 3.0
+    threshold_sigma: float = 4.0
     image_threshold: float | None = None
     pixel_threshold: float | None = None
 
@@ -157,7 +157,7 @@ def _check_types(config: Config) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _accepts(value, hints[f.name]):
-            expected = str(hints[f.name]).replace("typing.", "")
+            expected = getattr(hints[f.name], "__name__", str(hints[f.name]))
             raise ConfigError(f"option {f.name} must be {expected}, got {value!r}")
 
 

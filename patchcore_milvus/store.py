@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
-from pymilvus.client.types import LoadState
 
 from patchcore_milvus.errors import BankNotFoundError, StoreError
 
@@ -141,9 +140,9 @@ class BankStore:
         return target
 
     def ensure_loaded(self, collection: str) -> None:
-        """Load into memory for search; Milvus Lite releases every collection when its file is reopened."""
-        if self.client.get_load_state(collection, timeout=self.timeout)["state"] != LoadState.Loaded:
-            self.client.load_collection(collection, timeout=self.timeout)
+        """Load into memory for search (a no-op when loaded); Milvus Lite releases every
+        collection when its file is reopened."""
+        self.client.load_collection(collection, timeout=self.timeout)
 
     def read_description(self, collection: str) -> dict[str, Any]:
         properties = self.client.describe_collection(collection, timeout=self.timeout).get("properties", {})

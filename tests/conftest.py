@@ -1,0 +1,47 @@
+"""Shared fixtures: synthetic textured images and fast settings on a fresh Milvus Lite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchcore_milvus.config import Config
+
+torch.set_num_threads(2)
+
+
+def textured_image(seed: int, size: int = 96, defect: bool = False) -> Image.Image:
+    """A regular stripe texture with slight noise; a `defect` is a bright square blob."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    base = 128 + 60 * np.sin(x / 3.0) * np.cos(y / 5.0)
+    pixels = np.stack([base, base * 0.8 + 20, 255 - base], axis=-1) + rng.normal(0, 4, (size, size, 3))
+    if defect:
+        pixels[size // 3 : size // 3 + size // 5, size // 2 : size // 2 + size // 5] = [250, 10, 240]
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def good_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(8):
+        textured_image(i).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture
+def small_config(tmp_path: Path) -> Config:
+    """Fast settings for synthetic 96 px images, on a fresh Milvus Lite file."""
+    return Config(
+        uri=str(tmp_path / "banks.db"),
+        image_size=64,
+        coreset_ratio=0.25,
+        holdout_ratio=0.25,
+        batch_size=4,
+        progress=False,
+    )

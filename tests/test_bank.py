@@ -1,0 +1,101 @@
+"""Ingest and scoring end to end on synthetic images, against a real Milvus Lite file."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import textured_image
+
+from patchcore_milvus import Bank, BankStore, Config, fit_bank
+from patchcore_milvus.errors import BankMismatchError, BankNotFoundError
+from patchcore_milvus.images import list_images
+
+
+@pytest.fixture
+def fitted(good_folder: Path, small_config: Config) -> Config:
+    summary = fit_bank("texture", list_images(good_folder), small_config)
+    assert summary.images == 6 and summary.holdout_images == 2
+    assert summary.patches == 6 * 8 * 8 and summary.coreset_size == 96 and summary.dim == 152
+    assert summary.image_threshold is not None and summary.pixel_threshold is not None
+    return small_config
+
+
+def test_defect_scores_above_good_and_is_localised(fitted: Config, tmp_path: Path):
+    textured_image(100).save(tmp_path / "good.png")
+    textured_image(101, defect=True).save(tmp_path / "bad.png")
+    bank = Bank.open("texture", fitted)
+    results = dict(bank.score_paths([tmp_path / "good.png", tmp_path / "bad.png"]))
+    good, bad = results[tmp_path / "good.png"], results[tmp_path / "bad.png"]
+    assert bad.image_score > 3 * good.image_score
+    assert bad.verdict == "DEFECT"
+    assert bad.anomaly_map.shape == (96, 96)
+    peak_y, peak_x = np.unravel_index(bad.anomaly_map.argmax(), bad.anomaly_map.shape)
+    assert 28 <= peak_y <= 55 and 44 <= peak_x <= 70  # the painted square spans y 32-51, x 48-67
+    assert bad.anomaly_map[40, 56] > 2 * bad.anomaly_map[88, 8]  # far from the defect
+    assert bad.mask is not None and bad.mask[40, 56]
+    assert bad.nearest_patch["image"].endswith(".png")
+
+
+def test_description_records_the_model(fitted: Config):
+    store = BankStore(fitted.uri)
+    description = store.read_description(store.resolve("texture"))
+    assert description["extractor"]["backbone"] == "efficientnet_lite0"
+    assert len(description["extractor"]["weights_sha256"]) == 64
+    assert description["coreset"]["size"] == 96 and description["coreset"]["projection_seed"] == 0
+    assert len(description["training_images"]["bank"]) == 6
+    held_out = description["thresholds"]["holdout"]
+    assert len(held_out) == 2
+    assert description["thresholds"]["image"] >= max(h["score"] for h in held_out)
+    assert description["thresholds"]["pixel"] >= max(h["map_max"] for h in held_out)
+    assert description["index"] == {"type": "HNSW", "params": {"M": 16, "efConstruction": 200}}
+    [listed] = store.list_banks()
+    assert listed["category"] == "texture" and listed["vectors"] == 96 and listed["dim"] == 152
+
+
+def test_reweighting_can_be_switched_off(fitted: Config, tmp_path: Path):
+    textured_image(101, defect=True).save(tmp_path / "bad.png")
+    [(_, weighted)] = Bank.open("texture", fitted).score_paths([tmp_path / "bad.png"])
+    [(_, plain)] = Bank.open("texture", fitted.replace(reweight=False)).score_paths([tmp_path / "bad.png"])
+    assert plain.image_score == pytest.approx(float(plain.anomaly_map.max()), rel=0.5)
+    assert 0.9 * plain.image_score <= weighted.image_score < plain.image_score
+
+
+def test_mismatched_extractor_is_refused_with_the_difference(fitted: Config):
+    with pytest.raises(BankMismatchError, match="image_size: bank has 64, this query uses 96"):
+        Bank.open("texture", fitted.replace(image_size=96))
+    with pytest.raises(BankMismatchError, match="weights_sha256"):
+        Bank.open("texture", fitted.replace(weights="random"))
+
+
+def test_thresholds_can_be_overridden(fitted: Config, tmp_path: Path):
+    textured_image(100).save(tmp_path / "good.png")
+    bank = Bank.open("texture", fitted.replace(image_threshold=0.0, pixel_threshold=1e9))
+    [(_, result)] = bank.score_paths([tmp_path / "good.png"])
+    assert result.verdict == "DEFECT" and not result.mask.any()
+
+
+def test_a_bad_file_is_reported_and_the_rest_scored(fitted: Config, tmp_path: Path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    textured_image(100).save(tmp_path / "good.png")
+    results = list(Bank.open("texture", fitted).score_paths([tmp_path / "broken.png", tmp_path / "good.png"]))
+    assert "not a readable image" in str(results[0][1])
+    assert results[1][1].image_score > 0
+
+
+def test_reingest_replaces_the_bank_and_failed_ingest_keeps_the_old(fitted: Config, good_folder: Path):
+    store = BankStore(fitted.uri)
+    first = store.resolve("texture")
+    store.close()
+    with pytest.raises(Exception, match="weights"):
+        fit_bank("texture", list_images(good_folder), fitted.replace(weights=str(good_folder / "none.pth")))
+    store = BankStore(fitted.uri)
+    assert store.resolve("texture") == first
+    store.close()
+    fit_bank("texture", list_images(good_folder), fitted.replace(coreset_size=10))
+    store = BankStore(fitted.uri)
+    assert store.resolve("texture") != first and store.list_banks()[0]["vectors"] == 10
+
+
+def test_unknown_category(small_config: Config):
+    with pytest.raises(BankNotFoundError, match="patchcore-milvus ingest"):
+        Bank.open("cable", small_config)

@@ -1,0 +1,158 @@
+"""The command line as a user runs it, on synthetic images and a real Milvus Lite file."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import textured_image
+from PIL import Image
+
+from patchcore_milvus.cli import main
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "cli.db")
+
+
+@pytest.fixture
+def ingested(good_folder: Path, db: str) -> str:
+    result = CliRunner().invoke(
+        main,
+        [
+            "ingest",
+            "--category",
+            "texture",
+            "--images",
+            str(good_folder),
+            "--uri",
+            db,
+            "--image-size",
+            "64",
+            "--coreset-ratio",
+            "0.25",
+            "--holdout-ratio",
+            "0.25",
+            "--no-progress",
+            "--index",
+            "IVF_FLAT",
+            "--index-param",
+            "nlist=8",
+            "--search-param",
+            "nprobe=8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "coreset: 96 x 152 dims, index IVF_FLAT" in result.output
+    assert "images: 6 in the bank, 2 held out" in result.output
+    return db
+
+
+def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "b").mkdir(parents=True)
+    textured_image(101, defect=True).save(tmp_path / "in" / "a" / "000.png")
+    textured_image(100).save(tmp_path / "in" / "b" / "000.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "query",
+            "--category",
+            "texture",
+            "--uri",
+            ingested,
+            "--image-size",
+            "64",
+            "--search-param",
+            "nprobe=8",
+            "--json",
+            "--out",
+            str(out),
+            str(tmp_path / "in" / "a"),
+            str(tmp_path / "in" / "b" / "000.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert records[0]["verdict"] == "DEFECT"
+    assert records[0]["score"] > 3 * records[1]["score"]
+    # Same file name in two folders: the outputs must not overwrite each other.
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{s}_{k}" for s in ("a_000", "b_000") for k in ("map.npy", "mask.png", "overlay.png")]
+    amap = np.load(out / "a_000_map.npy")
+    assert amap.shape == (96, 96) and amap.dtype == np.float32
+    mask = np.asarray(Image.open(out / "a_000_mask.png"))
+    assert set(np.unique(mask)) <= {0, 255} and mask.any()
+    overlay = Image.open(out / "a_000_overlay.png")
+    assert overlay.width == 2 * 96 and overlay.height > 96
+
+
+def test_query_text_lines_and_a_bad_file(ingested: str, tmp_path: Path):
+    textured_image(100).save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    result = CliRunner().invoke(
+        main,
+        [
+            "query",
+            "--category",
+            "texture",
+            "--uri",
+            ingested,
+            "--image-size",
+            "64",
+            "--search-param",
+            "nprobe=8",
+            str(tmp_path / "empty.png"),
+            str(tmp_path / "good.png"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "empty.png: not a readable image" in result.output
+    assert "good.png  score " in result.output and "threshold" in result.output
+    assert "1 of 2 files could not be scored" in result.output
+
+
+def test_collections_and_drop(ingested: str):
+    listing = CliRunner().invoke(main, ["collections", "--uri", ingested])
+    assert listing.exit_code == 0
+    header, row = listing.output.splitlines()
+    assert header.split()[:6] == ["category", "vectors", "dim", "index", "backbone", "created"]
+    assert row.split()[:5] == ["texture", "96", "152", "IVF_FLAT", "efficientnet_lite0"]
+    dropped = CliRunner().invoke(main, ["drop", "texture", "--yes", "--uri", ingested])
+    assert dropped.exit_code == 0 and "dropped texture" in dropped.output
+    assert "no banks" in CliRunner().invoke(main, ["collections", "--uri", ingested]).output
+
+
+def test_query_with_another_extractor_is_refused(ingested: str, tmp_path: Path):
+    textured_image(100).save(tmp_path / "good.png")
+    result = CliRunner().invoke(main, ["query", "--category", "texture", "--uri", ingested, str(tmp_path / "good.png")])
+    assert result.exit_code == 2
+    assert "does not match bank 'texture'" in result.output and "image_size: bank has 64" in result.output
+
+
+def test_config_show_merges_file_and_flags_and_hides_the_token(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MILVUS_TOKEN", "root:Milvus")
+    config = tmp_path / "station.yaml"
+    config.write_text("uri: http://milvus.plant:19530\ncoreset_ratio: 0.2\nindex_type: IVF_SQ8\n")
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(config), "--coreset-ratio", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "uri: http://milvus.plant:19530" in result.output
+    assert "coreset_ratio: 0.05" in result.output and "nlist: 1024" in result.output
+    assert "Milvus" not in result.output.replace("Milvus token", "") and "set (hidden)" in result.output
+
+
+def test_clear_errors_for_bad_input(tmp_path: Path, db: str):
+    runner = CliRunner()
+    config = tmp_path / "bad.yaml"
+    config.write_text("coreset_ratio: 2\n")
+    result = runner.invoke(main, ["config", "show", "--config", str(config)])
+    assert result.exit_code == 2 and "coreset_ratio must be in (0, 1]" in result.output
+    result = runner.invoke(main, ["ingest", str(tmp_path), "--category", "bottle", "--uri", db])
+    assert result.exit_code == 2 and "bottle/train/good does not exist" in result.output
+    result = runner.invoke(main, ["ingest", str(tmp_path), "--category", "metal-nut", "--uri", db])
+    assert result.exit_code == 2 and "invalid category name 'metal-nut'" in result.output
+    result = runner.invoke(main, ["query", "--category", "cable", "--uri", db, str(config)])
+    assert result.exit_code == 2 and "no bank for category 'cable'" in result.output

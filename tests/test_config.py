@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from patchcore_milvus.config import Config, load_config, option_names
+from patchcore_milvus.errors import ConfigError
+
+
+def test_defaults_are_the_documented_configuration():
+    config = load_config()
+    assert config.backbone == "efficientnet_lite0"
+    assert config.image_size == 256 and config.center_crop is None
+    assert config.coreset_ratio == 0.1 and config.projection_dim == 128
+    assert config.index_type == "HNSW" and config.effective_index_params == {"M": 16, "efConstruction": 200}
+    assert config.uri.endswith(".db")
+
+
+def test_flags_win_over_the_file(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("coreset_ratio: 0.2\nindex_type: IVF_FLAT\nindex_params: {nlist: 64}\n")
+    config = load_config(path, coreset_ratio=0.05, backbone=None)
+    assert config.coreset_ratio == 0.05
+    assert config.index_type == "IVF_FLAT"
+    assert config.effective_index_params == {"nlist": 64}
+    assert config.effective_search_params == {"nprobe": 32}
+
+
+def test_unknown_key_is_named_with_the_valid_ones(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("corset_ratio: 0.2\n")
+    with pytest.raises(ConfigError, match="corset_ratio") as info:
+        load_config(path)
+    assert all(name in str(info.value) for name in option_names())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("coreset_ratio", 0, "coreset_ratio must be in"),
+        ("coreset_ratio", 1.5, "coreset_ratio must be in"),
+        ("image_size", -3, "image_size must be at least"),
+        ("image_size", "big", "image_size must be int"),
+        ("reweight", "yes", "reweight must be bool"),
+        ("backbone", "resnet18", "backbone must be one of"),
+        ("index_type", "FLAT", "index_type must be one of"),
+        ("uri", "banks.sqlite", "ending in .db"),
+        ("center_crop", 512, "center_crop must lie between"),
+    ],
+)
+def test_impossible_values_are_refused(key, value, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        Config(**{key: value})
+
+
+def test_server_uri_accepted_and_token_comes_from_environment(monkeypatch):
+    monkeypatch.setenv("MILVUS_TOKEN", "root:secret")
+    config = Config(uri="http://milvus.plant:19530")
+    assert config.token == "root:secret"
+    assert "secret" not in str(config.to_dict())
+
+
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)

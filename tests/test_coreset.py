@@ -1,0 +1,64 @@
+import numpy as np
+import torch
+
+from patchcore_milvus.coreset import coreset_size, covering_radius, greedy_coreset, random_projection
+
+
+def clustered(n: int = 3000, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """Clusters of unequal weight on a 6-dim subspace, plus a little noise: like patch features,
+    whose variation is far lower-dimensional than their number of channels."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, 6, generator=generator) * 5
+    weights = torch.tensor([40.0, 20, 10, 5, 5, 5, 4, 3, 3, 2, 2, 1])
+    labels = torch.multinomial(weights / weights.sum(), n, replacement=True, generator=generator)
+    latent = centres[labels] + torch.randn(n, 6, generator=generator)
+    embedding = torch.randn(6, dim, generator=generator)
+    return latent @ embedding + 0.05 * torch.randn(n, dim, generator=generator)
+
+
+def test_same_seed_same_picks_other_seed_other_picks():
+    features = clustered()
+    first = greedy_coreset(features, 100, projection_dim=16, seed=3)
+    again = greedy_coreset(features, 100, projection_dim=16, seed=3)
+    other = greedy_coreset(features, 100, projection_dim=16, seed=4)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_picks_are_distinct_and_in_range():
+    features = clustered()
+    picks = greedy_coreset(features, 300, projection_dim=32)
+    assert len(picks) == 300 == len(set(picks.tolist()))
+    assert picks.min() >= 0 and picks.max() < len(features)
+
+
+def test_covering_radius_beats_a_random_subset_of_the_same_size():
+    features = clustered()
+    picks = greedy_coreset(features, 150, projection_dim=32, seed=0)
+    greedy_radius = covering_radius(features, picks)
+    random_radii = [
+        covering_radius(features, np.random.default_rng(s).choice(len(features), 150, replace=False)) for s in range(5)
+    ]
+    assert greedy_radius < min(random_radii)
+
+
+def test_each_pick_is_the_farthest_point_from_the_previous_picks():
+    """Algorithm 1, checked against a direct computation without projection."""
+    features = clustered(n=400, dim=8)
+    picks = greedy_coreset(features, 20, projection_dim=8)
+    for i in range(1, 20):
+        distances = torch.cdist(features, features[torch.as_tensor(picks[:i])]).min(dim=1).values
+        assert distances[picks[i]] >= distances.max() - 1e-3
+
+
+def test_projection_keeps_small_features_and_reduces_large_ones():
+    features = clustered(n=50, dim=64)
+    assert random_projection(features, 128, 0).shape == (50, 64)
+    assert random_projection(features, 16, 0).shape == (50, 16)
+
+
+def test_size_from_ratio_or_count():
+    assert coreset_size(1000, 0.1, None) == 100
+    assert coreset_size(1000, 0.1, 37) == 37
+    assert coreset_size(10, 0.001, None) == 1
+    assert coreset_size(10, 0.5, 500) == 10

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from patchcore_milvus.backbones import build_backbone
+from patchcore_milvus.config import Config
+from patchcore_milvus.errors import WeightsUnavailableError
+from patchcore_milvus.features import FeaturePipeline, PatchFeatureExtractor, describe_mismatch
+
+
+def test_efficientnet_lite0_gives_152_dim_patches_on_the_stride_8_grid():
+    extractor = PatchFeatureExtractor(build_backbone("efficientnet_lite0"))
+    patches = extractor(torch.randn(2, 3, 256, 256))
+    assert patches.shape == (2, 32, 32, 152)
+
+
+def test_efficientnet_lite0_weights_are_the_pretrained_ones():
+    """Pretrained BatchNorm statistics are far from the fresh-init values (mean 0, var 1)."""
+    pretrained = build_backbone("efficientnet_lite0")
+    fresh = build_backbone("efficientnet_lite0", weights="random")
+    assert pretrained.weights_sha256() != fresh.weights_sha256()
+    running_var = pretrained.body.state_dict()["bn1.running_var"]
+    assert not torch.allclose(running_var, torch.ones_like(running_var))
+
+
+def test_wide_resnet50_2_gives_1536_dims_and_pools_to_a_target():
+    backbone = build_backbone("wide_resnet50_2", weights="random")
+    assert PatchFeatureExtractor(backbone)(torch.randn(1, 3, 64, 64)).shape == (1, 8, 8, 1536)
+    assert PatchFeatureExtractor(backbone, target_dim=1024)(torch.randn(1, 3, 96, 64)).shape == (1, 12, 8, 1024)
+
+
+def test_wide_resnet50_2_weights_from_a_file_and_a_clear_error_without(tmp_path):
+    from torchvision.models import wide_resnet50_2
+
+    torch.manual_seed(1)
+    state = wide_resnet50_2().state_dict()
+    plain, wrapped = tmp_path / "wrn.pth", tmp_path / "wrn_dataparallel.pth"
+    torch.save(state, plain)
+    torch.save({f"module.{k}": v for k, v in state.items()}, wrapped)  # other names, same order
+    from_plain = build_backbone("wide_resnet50_2", weights=str(plain))
+    assert from_plain.weights_sha256() == build_backbone("wide_resnet50_2", weights=str(wrapped)).weights_sha256()
+    assert from_plain.weights_sha256() != build_backbone("wide_resnet50_2", weights="random").weights_sha256()
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_backbone("wide_resnet50_2", weights=str(tmp_path / "missing.pth"))
+
+
+def test_neighbourhood_aggregation_smooths_the_feature_grid():
+    """A patch's embedding averages its 3x3 neighbourhood: one bright pixel spreads to its neighbours."""
+
+    class Identity(torch.nn.Module):
+        channels = (1, 1)
+        layers = ("a", "b")
+
+        def forward(self, images):
+            return [images[:, :1], torch.zeros(images.shape[0], 1, images.shape[2] // 2, images.shape[3] // 2)]
+
+    images = torch.zeros(1, 3, 8, 8)
+    images[0, 0, 4, 4] = 9.0
+    patches = PatchFeatureExtractor(Identity())(images)
+    assert patches[0, 3:6, 3:6, 0].eq(1.0).all()
+    assert patches[0, 2, 2, 0] == 0.0
+
+
+def test_description_mismatch_names_the_difference():
+    base = FeaturePipeline(Config(image_size=64)).description
+    other = FeaturePipeline(Config(image_size=64, normalization="backbone")).description
+    lines = describe_mismatch(base, other)
+    assert len(lines) == 1 and lines[0].startswith("normalization:")
+
+
+def test_wide_resnet50_2_offline_error_names_both_ways(monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError, match="--weights PATH") as info:
+        build_backbone("wide_resnet50_2")
+    assert "~/.cache/torch/hub/checkpoints" in str(info.value)

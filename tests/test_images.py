@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchcore_milvus.errors import ImageError
+from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, list_images, load_rgb
+
+
+def save(tmp_path: Path, image: Image.Image, name: str) -> Path:
+    path = tmp_path / name
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (50, 30), 128),
+        Image.new("RGBA", (40, 40), (255, 0, 0, 128)),
+        Image.new("P", (33, 21), 3),
+        Image.new("CMYK", (20, 20), (0, 255, 0, 0)),
+        Image.fromarray(np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)),
+    ],
+    ids=["grey", "rgba", "palette", "cmyk", "16bit"],
+)
+def test_every_mode_becomes_rgb(tmp_path: Path, image: Image.Image):
+    suffix = ".jpg" if image.mode == "CMYK" else ".png"
+    loaded = load_rgb(save(tmp_path, image, f"x{suffix}"))
+    assert loaded.mode == "RGB"
+    assert loaded.size == image.size
+
+
+def test_sixteen_bit_keeps_its_value_range(tmp_path: Path):
+    ramp = np.linspace(1000, 3000, 64 * 64).astype(np.uint16).reshape(64, 64)
+    loaded = np.asarray(load_rgb(save(tmp_path, Image.fromarray(ramp), "ramp.png")))
+    assert loaded.min() == 0 and loaded.max() == 255
+
+
+def test_exif_rotation_is_applied(tmp_path: Path):
+    image = Image.new("RGB", (60, 20), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert load_rgb(path).size == (20, 60)
+
+
+def test_unreadable_file_raises_a_clear_error(tmp_path: Path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image")
+    with pytest.raises(ImageError, match=r"notes\.png: not a readable image"):
+        load_rgb(path)
+
+
+def test_any_size_and_aspect_ratio_gives_the_configured_input():
+    mean, std = NORMALIZATION_STATS["imagenet"]
+    preprocess = Preprocess(image_size=64, center_crop=None, mean=mean, std=std)
+    tensor = preprocess(Image.new("RGB", (300, 17), (124, 116, 104)))
+    assert tensor.shape == (3, 64, 64)
+    # ImageNet's mean colour normalises to about zero.
+    assert torch.allclose(tensor, torch.zeros_like(tensor), atol=0.01)
+    cropped = Preprocess(image_size=64, center_crop=48, mean=mean, std=std)
+    assert cropped(Image.new("RGB", (10, 99))).shape == (3, 48, 48)
+
+
+def test_list_images_is_sorted_and_filters_by_suffix(tmp_path: Path):
+    for name in ["b.png", "a.JPG", "c.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    with pytest.raises(ImageError, match="is not a folder"):
+        list_images(tmp_path / "missing")

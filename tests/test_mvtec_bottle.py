@@ -1,0 +1,59 @@
+"""End to end on real MVTec AD bottle images (a subset, to keep CI short) in a real Milvus Lite file."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
+
+from patchcore_milvus import Bank, Config, fit_bank
+from patchcore_milvus.cli import main
+from patchcore_milvus.images import list_images
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bottle_bank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config]:
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"  # ../shared beside the repo
+    if not (root / "train" / "good").is_dir():
+        pytest.skip(f"MVTec AD bottle not found at {root} (see ../shared/data/README.md)")
+    config = Config(uri=str(tmp_path_factory.mktemp("bottle") / "bottle.db"), progress=False)
+    # Every second training image: the default configuration on half the data.
+    summary = fit_bank("bottle", list_images(root / "train" / "good")[::2], config, root=root)
+    assert summary.images + summary.holdout_images == 105 and summary.dim == 152
+    return root, config
+
+
+def test_defects_rank_above_good_images(bottle_bank: tuple[Path, Config]):
+    root, config = bottle_bank
+    test_images = list_images(root / "test" / "good")
+    for defect in ("broken_large", "broken_small", "contamination"):
+        test_images += list_images(root / "test" / defect)[:6]
+    results = dict(Bank.open("bottle", config).score_paths(test_images))
+    labels = [int(path.parent.name != "good") for path in test_images]
+    scores = [results[path].image_score for path in test_images]
+    assert roc_auc_score(labels, scores) >= 0.98
+
+
+def test_query_command_gives_verdicts_and_pictures(bottle_bank: tuple[Path, Config], tmp_path: Path):
+    root, config = bottle_bank
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "query",
+            "--category",
+            "bottle",
+            "--uri",
+            config.uri,
+            "--out",
+            str(out),
+            str(root / "test" / "broken_large" / "000.png"),
+            str(root / "test" / "good" / "000.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    defect_line, good_line = result.output.splitlines()
+    assert defect_line.split()[5] == "DEFECT" and good_line.split()[5] == "OK"
+    assert {p.name for p in out.iterdir()} >= {"broken_large_000_overlay.png", "good_000_mask.png"}

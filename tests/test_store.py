@@ -1,0 +1,88 @@
+"""The Milvus facade against a real embedded Milvus Lite, never a mock."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from patchcore_milvus.errors import BankNotFoundError, StoreError
+from patchcore_milvus.store import BankStore, category_of, validate_category
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    bank_store = BankStore(str(tmp_path / "store.db"), timeout=60)
+    yield bank_store
+    bank_store.close()
+
+
+def fill(store: BankStore, category: str, vectors: np.ndarray) -> str:
+    collection = store.create_version(category, vectors.shape[1])
+    positions = np.stack([np.arange(len(vectors)), np.zeros(len(vectors), int)], axis=1)
+    store.insert(collection, vectors, [f"img{i // 10}.png" for i in range(len(vectors))], positions)
+    store.build_index(collection, "HNSW", {"M": 8, "efConstruction": 64})
+    store.write_description(collection, {"category": category, "note": "ünïcode ok"})
+    return collection
+
+
+def test_search_returns_euclidean_not_squared_distances(store: BankStore):
+    vectors = np.zeros((50, 4), dtype=np.float32)
+    vectors[:, 0] = np.arange(50) * 100.0  # far apart, so the nearest one is certain
+    collection = fill(store, "geometry", vectors)
+    query = np.array([[3.0, 4.0, 0.0, 0.0], [200.0, 0.0, 0.0, 12.0]], dtype=np.float32)
+    distances, ids = store.search(collection, query, 1, {"ef": 32})
+    np.testing.assert_allclose(distances[:, 0], [5.0, 12.0], rtol=1e-5)  # squared would be 25 and 144
+    assert ids[:, 0].tolist() == [0, 2]
+
+
+def test_rows_keep_their_source_image_and_patch_position(store: BankStore):
+    vectors = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    collection = fill(store, "sources", vectors)
+    rows = store.get_rows(collection, [17, 3, 17])
+    assert [r["id"] for r in rows] == [17, 3, 17]
+    assert rows[0]["image"] == "img1.png" and rows[0]["patch_y"] == 17 and rows[0]["patch_x"] == 0
+    np.testing.assert_allclose(rows[1]["vector"], vectors[3], rtol=1e-6)
+
+
+def test_more_queries_than_one_call_takes(store: BankStore):
+    vectors = np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32)
+    collection = fill(store, "many", vectors)
+    queries = vectors[np.random.default_rng(2).integers(0, 200, 16384 + 300)]
+    distances, ids = store.search(collection, queries, 1, {"ef": 64})
+    assert ids.shape == (16684, 1) and (ids >= 0).all()
+    assert float(np.median(distances)) < 1e-3
+
+
+def test_publish_moves_the_alias_and_drops_older_versions(store: BankStore):
+    vectors = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+    first = fill(store, "bottle", vectors)
+    store.publish("bottle", first)
+    assert store.resolve("bottle") == first
+    leftover = store.create_version("bottle", 8)  # like an ingest killed before it published
+    second = fill(store, "bottle", vectors)
+    assert store.resolve("bottle") == first  # unpublished versions are never what the name resolves to
+    store.publish("bottle", second)
+    assert store.resolve("bottle") == second
+    remaining = store.client.list_collections()
+    assert second in remaining and first not in remaining and leftover not in remaining
+    assert store.read_description(second)["note"] == "ünïcode ok"
+    store.drop("bottle")
+    with pytest.raises(BankNotFoundError, match="no bank for category 'bottle'"):
+        store.resolve("bottle")
+
+
+def test_unknown_category_lists_the_known_ones(store: BankStore):
+    with pytest.raises(BankNotFoundError, match="known: none yet"):
+        store.resolve("cable")
+
+
+@pytest.mark.parametrize("name", ["9lives", "metal-nut", "a b", "x__v1", "", "é", "a" * 240])
+def test_category_names_follow_milvus_rules(name: str):
+    with pytest.raises(StoreError, match="letters, digits and underscores"):
+        validate_category(name)
+
+
+def test_valid_names_and_version_parsing():
+    assert validate_category("metal_nut") == "metal_nut"
+    assert category_of("metal_nut__v20261130T120000123456") == "metal_nut"
+    assert category_of("metal_nut") is None
