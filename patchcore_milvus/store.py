@@ -50,15 +50,20 @@ class BankStore:
     def __init__(self, uri: str, token: str = "", timeout: float = 600.0):
         self.uri = uri
         self.timeout = timeout
+        # Milvus Lite's embedded server answers pymilvus' idle keep-alive pings (every 10 s) with
+        # GOAWAY "too_many_pings" and a logged error; it is in-process, so idle pings buy nothing.
+        is_lite = not uri.startswith(("http://", "https://"))
+        options = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000} if is_lite else {}
         try:
-            self.client = MilvusClient(uri=uri, token=token, timeout=timeout)
-        except MilvusException as exc:
-            raise StoreError(f"cannot open Milvus at {uri}: {exc.message}") from exc
-        except Exception as exc:  # milvus-lite raises its own types, e.g. for a locked data dir
-            raise StoreError(
-                f"cannot open Milvus at {uri}: {exc}. A Milvus Lite file serves one process at a time; "
-                "for several processes, run a Milvus server and pass its http://host:port as --uri"
-            ) from exc
+            self.client = MilvusClient(uri=uri, token=token, timeout=timeout, grpc_options=options)
+        except Exception as exc:  # pymilvus and milvus-lite raise several types here
+            hint = (
+                "A Milvus Lite file serves one process at a time: is another ingest or query using it? "
+                "For several processes, run a Milvus server and pass its http://host:port as --uri."
+                if is_lite
+                else "Is the server running and reachable from here, and is MILVUS_TOKEN right?"
+            )
+            raise StoreError(f"cannot open Milvus at {uri}: {getattr(exc, 'message', exc)}. {hint}") from exc
 
     def close(self) -> None:
         self.client.close()

@@ -86,3 +86,13 @@ def test_valid_names_and_version_parsing():
     assert validate_category("metal_nut") == "metal_nut"
     assert category_of("metal_nut__v20261130T120000123456") == "metal_nut"
     assert category_of("metal_nut") is None
+
+
+def test_a_lite_file_held_by_another_process_is_explained(store: BankStore):
+    import subprocess
+    import sys
+
+    opener = f"from patchcore_milvus.store import BankStore; BankStore({store.uri!r})"
+    result = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "serves one process at a time" in result.stderr and "http://host:port" in result.stderr
