@@ -13,6 +13,7 @@ from typing import Any
 import click
 import torch
 import yaml
+from pymilvus import MilvusException
 
 from patchcore_milvus import __version__
 from patchcore_milvus.config import BACKBONES, INDEX_TYPES, NORMALIZATIONS, TOKEN_ENV, Config, load_config
@@ -103,13 +104,16 @@ def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
 
 
 class _Group(click.Group):
-    """Prints a PatchcoreMilvusError as one clear message, not a traceback."""
+    """Prints our errors and Milvus' as one clear message, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PatchcoreMilvusError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except MilvusException as exc:
+            click.secho(f"error: Milvus refused the request: {exc.message} (code {exc.code})", fg="red", err=True)
             sys.exit(2)
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import DataType, MilvusClient
 
 from patchcore_milvus.errors import BankNotFoundError, StoreError
 
