@@ -126,7 +126,7 @@ def fit_bank(
         }
         t = time.perf_counter()
         description["thresholds"] = _calibrate_thresholds(
-            Bank(store, collection, description, features, config.replace(image_threshold=None, pixel_threshold=None)),
+            Bank(store, collection, description, features, config),
             [images[i] for i in held_idx],
             [names[i] for i in held_idx],
             config.threshold_sigma,
@@ -135,7 +135,7 @@ def fit_bank(
         store.write_description(collection, description)
         store.publish(category, collection)
     except BaseException:
-        store.client.drop_collection(collection)
+        store.drop_version(collection)
         raise
     return IngestSummary(
         category=category,

@@ -122,12 +122,15 @@ class BankStore:
             self.client.alter_alias(collection, category, timeout=self.timeout)
         self.remove_versions(category, keep=collection)
 
+    def drop_version(self, collection: str) -> None:
+        self.client.drop_collection(collection, timeout=self.timeout)
+
     def remove_versions(self, category: str, keep: str | None = None) -> list[str]:
         """Drop every collection version of `category` except `keep` (e.g. leftovers of a crash)."""
         dropped = []
         for name in self.client.list_collections(timeout=self.timeout):
             if category_of(name) == category and name != keep:
-                self.client.drop_collection(name, timeout=self.timeout)
+                self.drop_version(name)
                 dropped.append(name)
         return dropped
 

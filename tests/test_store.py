@@ -96,3 +96,16 @@ def test_a_lite_file_held_by_another_process_is_explained(store: BankStore):
     result = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "serves one process at a time" in result.stderr and "http://host:port" in result.stderr
+
+
+@pytest.mark.parametrize("index_type", ["HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8"])
+def test_every_offered_index_type_builds_and_finds_neighbours(store: BankStore, index_type: str):
+    from patchcore_milvus.config import Config
+
+    config = Config(index_type=index_type, index_params={"nlist": 16} if index_type.startswith("IVF") else {})
+    vectors = np.random.default_rng(4).normal(size=(500, 16)).astype(np.float32)
+    collection = store.create_version("indexed", 16)
+    store.insert(collection, vectors, ["x.png"] * 500, np.zeros((500, 2), int))
+    store.build_index(collection, index_type, config.effective_index_params)
+    _, ids = store.search(collection, vectors[:50], 1, config.effective_search_params)
+    assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
