@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from PIL import Image
 
 from patchcore_milvus.config import Config
 from patchcore_milvus.errors import BankMismatchError, ImageError
+from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline, describe_mismatch
 from patchcore_milvus.images import load_rgb
 from patchcore_milvus.scoring import anomaly_maps, reweighting_factor, to_original_size
@@ -34,6 +36,9 @@ class Inspection:
     timings_ms: dict[str, float]
     # The RGB image as scored, for drawing overlays.
     image: Image.Image = field(repr=False)
+    # Per patch (h, w): distance to and id of the nearest bank vector.
+    patch_distances: np.ndarray = field(repr=False)
+    patch_ids: np.ndarray = field(repr=False)
 
     @property
     def verdict(self) -> str | None:
@@ -61,17 +66,33 @@ class Inspection:
         }
 
 
+SearchFunction = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
 class Bank:
-    """Scores images against one bank collection. Open it with `Bank.open` (checks the extractor)."""
+    """Scores images against one bank collection. Open it with `Bank.open` (checks the extractor).
+
+    `search(vectors, top_k) -> (Euclidean distances, ids)` defaults to the collection's Milvus
+    index; `with_exact_search` swaps in exact in-process search over the same vectors.
+    """
 
     def __init__(
-        self, store: BankStore, collection: str, description: dict[str, Any], features: FeaturePipeline, config: Config
+        self,
+        store: BankStore,
+        collection: str,
+        description: dict[str, Any],
+        features: FeaturePipeline,
+        config: Config,
+        search: SearchFunction | None = None,
     ):
         self.store = store
         self.collection = collection
         self.description = description
         self.features = features
         self.config = config
+        self.search = search or functools.partial(
+            store.search, collection, search_params=config.effective_search_params
+        )
         stored = description.get("thresholds") or {}
         self.image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
         self.pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
@@ -94,6 +115,11 @@ class Bank:
                 + "\nUse the options (or the config file) the bank was ingested with, or re-ingest it."
             )
         return cls(store, collection, description, features, config)
+
+    def with_exact_search(self) -> Bank:
+        """The same bank, searched exactly in-process over its vectors read back from Milvus."""
+        exact = ExactSearch(self.store.read_vectors(self.collection))
+        return Bank(self.store, self.collection, self.description, self.features, self.config, exact)
 
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
         """Score files in batches; a file that is not a usable image yields its error and the rest go on."""
@@ -126,8 +152,7 @@ class Bank:
         n, h, w, dim = patches.shape
         flat = patches.reshape(-1, dim).numpy()
         t1 = time.perf_counter()
-        search = self.config.effective_search_params
-        distances, ids = self.store.search(self.collection, flat, 1, search)
+        distances, ids = self.search(flat, 1)
         patch_scores = distances[:, 0].reshape(n, h * w)
         worst = patch_scores.argmax(axis=1)
         nearest_ids = ids[:, 0].reshape(n, h * w)[np.arange(n), worst]
@@ -151,6 +176,8 @@ class Bank:
                     nearest_patch={k: nearest_rows[i][k] for k in ("image", "patch_y", "patch_x")},
                     timings_ms={},
                     image=image,
+                    patch_distances=distances[i * h * w : (i + 1) * h * w, 0].reshape(h, w),
+                    patch_ids=ids[i * h * w : (i + 1) * h * w, 0].reshape(h, w),
                 )
             )
         t3 = time.perf_counter()
@@ -163,7 +190,7 @@ class Bank:
         """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank."""
         b = self.config.reweight_neighbors
         centres = np.stack([row["vector"] for row in nearest_rows])
-        _, neighbour_ids = self.store.search(self.collection, centres, b + 1, self.config.effective_search_params)
+        _, neighbour_ids = self.search(centres, b + 1)
         candidate_ids = []
         for row, ids in zip(nearest_rows, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != row["id"]][:b]

@@ -242,6 +242,79 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
 
 
 @main.command()
+@click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--category", "categories", multiple=True, help="Category to evaluate (repeatable).")
+@click.option("--all", "all_categories", is_flag=True, help="Every category folder in DATA_ROOT that has a bank.")
+@click.option(
+    "--search",
+    type=click.Choice(["milvus", "exact", "both"]),
+    default="milvus",
+    show_default=True,
+    help="Milvus' index, exact in-process search over the same vectors, or both side by side.",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write report.json, report.md and pictures here (implies --search both).",
+)
+@click.option(
+    "--pixel-size", type=int, default=256, show_default=True, help="Maps and masks are compared at this square size."
+)
+@config_options(
+    "uri",
+    "milvus_timeout",
+    *EXTRACTOR,
+    "seed",
+    "search_params",
+    "image_threshold",
+    "pixel_threshold",
+    "reweight",
+    "reweight_neighbors",
+    "blur_sigma",
+    "batch_size",
+    "num_threads",
+    "progress",
+)
+def evaluate(
+    data_root: Path,
+    categories: tuple[str, ...],
+    all_categories: bool,
+    search: str,
+    report_dir: Path | None,
+    pixel_size: int,
+    config: Config,
+) -> None:
+    """MVTec AD metrics of banks on DATA_ROOT/<category>/test, as in the PatchCore paper's tables."""
+    from patchcore_milvus.bank import Bank
+    from patchcore_milvus.evaluate import evaluate_category
+    from patchcore_milvus.report import summary, table_lines, write_report
+    from patchcore_milvus.store import BankStore
+
+    store = BankStore(config.uri, config.token, config.milvus_timeout)
+    if all_categories:
+        banked = {b["category"] for b in store.list_banks()}
+        categories = tuple(sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name in banked))
+        if not categories:
+            raise ImageError(f"no folder in {data_root} has a bank at {config.uri}")
+    if not categories:
+        raise click.UsageError("give --category NAME (repeatable) or --all")
+    if report_dir is not None:
+        search = "both"
+    banks, evaluations = {}, []
+    for category in categories:
+        banks[category] = Bank.open(category, config, store=store)
+        evaluations.append(
+            evaluate_category(banks[category], category, data_root / category, search, pixel_size, config.progress)
+        )
+    report = summary(evaluations)
+    click.echo("\n".join(table_lines(report)))
+    if report_dir is not None:
+        written = write_report(report, evaluations, banks, report_dir)
+        click.echo(f"report: {', '.join(str(p) for p in written)}")
+
+
+@main.command()
 @config_options("uri", "milvus_timeout")
 def collections(config: Config) -> None:
     """List the banks: category, vectors, dim, index, backbone, created."""

@@ -203,6 +203,26 @@ class BankStore:
         }
         return [by_id[i] for i in wanted]
 
+    def read_vectors(self, collection: str, chunk: int = 10000) -> np.ndarray:
+        """All vectors of a collection, row i = id i (ingest numbers them 0..n-1)."""
+        n = int(self.client.get_collection_stats(collection, timeout=self.timeout)["row_count"])
+        vectors = None
+        for start in range(0, n, chunk):
+            rows = self.client.query(
+                collection,
+                filter=f"id >= {start} and id < {start + chunk}",
+                output_fields=[VECTOR_FIELD],
+                limit=chunk,
+                timeout=self.timeout,
+            )
+            for row in rows:
+                if vectors is None:
+                    vectors = np.empty((n, len(row[VECTOR_FIELD])), dtype=np.float32)
+                vectors[row["id"]] = row[VECTOR_FIELD]
+        if vectors is None:
+            raise StoreError(f"collection {collection} holds no vectors")
+        return vectors
+
     def list_banks(self) -> list[dict[str, Any]]:
         """Every published bank: category, collection, vectors, dim, index and description."""
         banks = []

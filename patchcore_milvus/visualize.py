@@ -32,8 +32,9 @@ def display_range(inspection: Inspection) -> tuple[float, float]:
     return float(inspection.anomaly_map.min()), float(inspection.anomaly_map.max())
 
 
-def overlay_figure(inspection: Inspection) -> Image.Image:
-    """Original | overlay side by side, under a caption with score, threshold and verdict."""
+def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Image:
+    """Original | overlay side by side, under a caption (`title`, default the file name) with
+    score, threshold and verdict."""
     image = inspection.image
     low, high = display_range(inspection)
     normalised = (inspection.anomaly_map - low) / max(high - low, 1e-12)
@@ -56,7 +57,8 @@ def overlay_figure(inspection: Inspection) -> Image.Image:
     figure.paste(overlay, (image.width, caption_height))
     verdict = inspection.verdict or "no threshold"
     threshold = "none" if inspection.image_threshold is None else f"{inspection.image_threshold:.2f}"
-    text = f"{Path(inspection.path).name}   score {inspection.image_score:.2f} / threshold {threshold}   {verdict}"
+    name = title or Path(inspection.path).name
+    text = f"{name}   score {inspection.image_score:.2f} / threshold {threshold}   {verdict}"
     color = DEFECT_COLOR if verdict == "DEFECT" else OK_COLOR if verdict == "OK" else (0, 0, 0)
     ImageDraw.Draw(figure).text(
         (font_size // 2, font_size // 3), text, fill=color, font=ImageFont.load_default(size=font_size)
@@ -75,7 +77,7 @@ def output_stems(paths: list[Path]) -> list[str]:
     return ["_".join(p.relative_to(common).with_suffix("").parts) for p in resolved]
 
 
-def _save_atomically(target: Path, write: Callable[[str], object]) -> None:
+def save_atomically(target: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file and rename, so a reader never sees a half-written file."""
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
     os.close(handle)
@@ -92,14 +94,14 @@ def write_outputs(out_dir: Path, stem: str, inspection: Inspection) -> list[Path
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     raw = out_dir / f"{stem}_map.npy"
-    _save_atomically(raw, lambda p: np.save(p, inspection.anomaly_map.astype(np.float32)))
+    save_atomically(raw, lambda p: np.save(p, inspection.anomaly_map.astype(np.float32)))
     written.append(raw)
     figure = out_dir / f"{stem}_overlay.png"
-    _save_atomically(figure, lambda p: overlay_figure(inspection).save(p, format="PNG"))
+    save_atomically(figure, lambda p: overlay_figure(inspection).save(p, format="PNG"))
     written.append(figure)
     if inspection.mask is not None:
         mask = out_dir / f"{stem}_mask.png"
         pixels = Image.fromarray(inspection.mask.astype(np.uint8) * 255)
-        _save_atomically(mask, lambda p: pixels.save(p, format="PNG"))
+        save_atomically(mask, lambda p: pixels.save(p, format="PNG"))
         written.append(mask)
     return written

@@ -1,5 +1,6 @@
 """End to end on real MVTec AD bottle images (a subset, to keep CI short) in a real Milvus Lite file."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,30 @@ def test_query_command_gives_verdicts_and_pictures(bottle_bank: tuple[Path, Conf
     defect_line, good_line = result.output.splitlines()
     assert defect_line.split()[5] == "DEFECT" and good_line.split()[5] == "OK"
     assert {p.name for p in out.iterdir()} >= {"broken_large_000_overlay.png", "good_000_mask.png"}
+
+
+def test_evaluate_reports_literature_metrics_and_ann_vs_exact(bottle_bank: tuple[Path, Config], tmp_path: Path):
+    root, config = bottle_bank
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            str(root.parent),
+            "--category",
+            "bottle",
+            "--uri",
+            config.uri,
+            "--report",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "report.json").read_text())["categories"]["bottle"]
+    assert entry["test_images"] == 83
+    milvus = entry["search"]["milvus"]
+    assert milvus["image_auroc"] >= 0.98 and milvus["pixel_auroc"] >= 0.97 and milvus["aupro_0.3"] >= 0.85
+    assert abs(entry["ann_vs_exact"]["image_auroc_difference"]) <= 0.002
+    assert abs(entry["ann_vs_exact"]["pixel_auroc_difference"]) <= 0.002
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "bottle_curves.png", "bottle_worst.png"}

@@ -109,3 +109,19 @@ def test_every_offered_index_type_builds_and_finds_neighbours(store: BankStore, 
     store.build_index(collection, index_type, config.effective_index_params)
     _, ids = store.search(collection, vectors[:50], 1, config.effective_search_params)
     assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
+
+
+def test_exact_search_over_vectors_read_back_agrees_with_milvus(store: BankStore):
+    from patchcore_milvus.exact import ExactSearch
+
+    vectors = np.random.default_rng(5).normal(size=(12000, 8)).astype(np.float32)  # more than one read chunk
+    collection = fill(store, "exact", vectors)
+    read_back = store.read_vectors(collection)
+    np.testing.assert_array_equal(read_back, vectors)
+    queries = np.random.default_rng(6).normal(size=(200, 8)).astype(np.float32)
+    exact_distances, exact_ids = ExactSearch(read_back)(queries, 3)
+    reference = np.linalg.norm(queries[:, None] - vectors[None], axis=2)
+    np.testing.assert_array_equal(exact_ids, np.argsort(reference, axis=1)[:, :3])
+    np.testing.assert_allclose(exact_distances, np.sort(reference, axis=1)[:, :3], rtol=1e-4)
+    milvus_distances, _ = store.search(collection, queries, 1, {"ef": 128})
+    np.testing.assert_allclose(milvus_distances[:, 0], exact_distances[:, 0], rtol=1e-4)

@@ -1,0 +1,209 @@
+"""Score a category's MVTec AD test set against its bank and compute the literature's metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from patchcore_milvus.bank import Bank
+from patchcore_milvus.errors import ImageError
+from patchcore_milvus.images import list_images
+from patchcore_milvus.metrics import aupro, auroc, f1_iou, pro_curve, roc_curve
+
+GOOD = "good"
+STAGES = ("load", "extract", "search", "post")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    defect: str  # "good" or the defect type (the folder name)
+    mask_path: Path | None
+
+
+def load_test_set(category_root: Path) -> list[LabelledImage]:
+    """`<category>/test/<defect>/*.png` with masks at `<category>/ground_truth/<defect>/<name>_mask.png`."""
+    test_root = category_root / "test"
+    if not test_root.is_dir():
+        raise ImageError(f"{test_root} does not exist: expected the MVTec AD layout <category>/test/<defect>/")
+    images = []
+    for folder in sorted(p for p in test_root.iterdir() if p.is_dir()):
+        for path in list_images(folder):
+            mask = category_root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+            if folder.name != GOOD and not mask.exists():
+                raise ImageError(f"{path} has no ground-truth mask at {mask}")
+            images.append(LabelledImage(path, folder.name, mask if folder.name != GOOD else None))
+    if not images or all(i.defect == GOOD for i in images) or all(i.defect != GOOD for i in images):
+        raise ImageError(f"{test_root} needs both good/ and defect folders with images")
+    return images
+
+
+def resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(
+        Image.fromarray(amap.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    )
+
+
+def ground_truth(image: LabelledImage, size: int) -> np.ndarray:
+    if image.mask_path is None:
+        return np.zeros((size, size), dtype=bool)
+    with Image.open(image.mask_path) as mask:
+        return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0
+
+
+@dataclass
+class ScoredSet:
+    """One pass over a test set with one search method."""
+
+    scores: np.ndarray
+    maps: list[np.ndarray] = field(repr=False)  # at the evaluation size
+    patch_distances: list[np.ndarray] = field(repr=False)
+    patch_ids: list[np.ndarray] = field(repr=False)
+    timings_ms: dict[str, np.ndarray]
+    seconds: float
+
+
+def score_set(bank: Bank, images: list[LabelledImage], pixel_size: int, label: str, progress: bool) -> ScoredSet:
+    scores, maps, distances, ids, timings = [], [], [], [], []
+    started = time.perf_counter()
+    results = bank.score_paths([i.path for i in images])
+    for _, result in tqdm(results, total=len(images), desc=f"scoring ({label})", unit="img", disable=not progress):
+        if isinstance(result, ImageError):
+            raise result
+        scores.append(result.image_score)
+        maps.append(resize_map(result.anomaly_map, pixel_size))
+        distances.append(result.patch_distances)
+        ids.append(result.patch_ids)
+        timings.append(result.timings_ms)
+    return ScoredSet(
+        scores=np.array(scores),
+        maps=maps,
+        patch_distances=distances,
+        patch_ids=ids,
+        timings_ms={stage: np.array([t[stage] for t in timings]) for stage in STAGES},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _thin(x: np.ndarray, y: np.ndarray, points: int = 2000) -> tuple[list[float], list[float]]:
+    """At most `points` points of a curve, for pictures."""
+    keep = np.unique(np.linspace(0, len(x) - 1, min(points, len(x))).round().astype(int))
+    return x[keep].tolist(), y[keep].tolist()
+
+
+def set_metrics(
+    images: list[LabelledImage],
+    truth: list[np.ndarray],
+    scored: ScoredSet,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics for report.json, curves for the pictures)."""
+    labels = np.array([i.defect != GOOD for i in images])
+    pixel_labels = np.concatenate([t.ravel() for t in truth])
+    pixel_scores = np.concatenate([m.ravel() for m in scored.maps])
+    image_fpr, image_tpr, _ = roc_curve(labels, scored.scores)
+    pixel_fpr, pixel_tpr, _ = roc_curve(pixel_labels, pixel_scores)
+    pro_fpr, pro = pro_curve(truth, scored.maps)
+    metrics: dict[str, Any] = {
+        "image_auroc": auroc(labels, scored.scores),
+        "pixel_auroc": float(np.trapezoid(pixel_tpr, pixel_fpr)),
+        "aupro_0.3": aupro(truth, scored.maps, 0.3),
+        "image_auroc_per_defect": {
+            defect: auroc(labels[mask], scored.scores[mask])
+            for defect in sorted({i.defect for i in images} - {GOOD})
+            for mask in [np.array([i.defect in (GOOD, defect) for i in images])]
+        },
+    }
+    if image_threshold is not None:
+        predicted = scored.scores > image_threshold
+        metrics["at_threshold"] = {
+            "image_threshold": image_threshold,
+            "image_f1": f1_iou(predicted, labels)[0],
+            "accuracy": float((predicted == labels).mean()),
+            "false_positives": int((predicted & ~labels).sum()),
+            "false_negatives": int((~predicted & labels).sum()),
+        }
+    if pixel_threshold is not None:
+        pixel_f1, pixel_iou = f1_iou(pixel_scores > pixel_threshold, pixel_labels)
+        metrics.setdefault("at_threshold", {}).update(
+            {"pixel_threshold": pixel_threshold, "pixel_f1": pixel_f1, "pixel_iou": pixel_iou}
+        )
+    metrics["time_ms"] = {
+        stage: {"median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
+        for stage, v in scored.timings_ms.items()
+    }
+    metrics["images_per_second"] = len(images) / scored.seconds
+    curves = {
+        "image_roc": _thin(image_fpr, image_tpr),
+        "pixel_roc": _thin(pixel_fpr, pixel_tpr),
+        "pro": _thin(pro_fpr, pro),
+    }
+    return metrics, curves
+
+
+def patch_recall_at_1(approximate: ScoredSet, exact: ScoredSet) -> float:
+    """Share of test patches whose Milvus neighbour is an exact nearest neighbour (same id, or a tie)."""
+    hits = total = 0
+    for a_ids, a_dist, e_ids, e_dist in zip(
+        approximate.patch_ids, approximate.patch_distances, exact.patch_ids, exact.patch_distances
+    ):
+        hits += int(((a_ids == e_ids) | np.isclose(a_dist, e_dist, rtol=1e-5, atol=1e-6)).sum())
+        total += a_ids.size
+    return hits / total
+
+
+@dataclass
+class CategoryEvaluation:
+    category: str
+    report: dict[str, Any]
+    curves: dict[str, dict[str, Any]]  # per search method
+    images: list[LabelledImage]
+    scores: dict[str, np.ndarray]  # per search method
+
+
+def evaluate_category(
+    bank: Bank, category: str, category_root: Path, search: str, pixel_size: int, progress: bool
+) -> CategoryEvaluation:
+    """`search`: "milvus", "exact" or "both"."""
+    images = load_test_set(category_root)
+    truth = [ground_truth(i, pixel_size) for i in images]
+    methods: dict[str, Bank] = {}
+    if search in ("milvus", "both"):
+        methods["milvus"] = bank
+    if search in ("exact", "both"):
+        methods["exact"] = bank.with_exact_search()
+    scored = {name: score_set(b, images, pixel_size, name, progress) for name, b in methods.items()}
+    report: dict[str, Any] = {
+        "category": category,
+        "test_images": len(images),
+        "defect_types": sorted({i.defect for i in images} - {GOOD}),
+        "pixel_size": pixel_size,
+        "bank": {
+            "collection": bank.collection,
+            "vectors": bank.description["coreset"]["size"],
+            "dim": bank.description["extractor"]["dim"],
+            "bytes": bank.description["coreset"]["size"] * bank.description["extractor"]["dim"] * 4,
+            "index": bank.description["index"],
+            "backbone": bank.description["extractor"]["backbone"],
+        },
+        "search": {},
+    }
+    curves = {}
+    for name, run in scored.items():
+        report["search"][name], curves[name] = set_metrics(
+            images, truth, run, bank.image_threshold, bank.pixel_threshold
+        )
+    if len(scored) == 2:
+        milvus, exact = report["search"]["milvus"], report["search"]["exact"]
+        report["ann_vs_exact"] = {
+            "patch_recall_at_1": patch_recall_at_1(scored["milvus"], scored["exact"]),
+            **{f"{k}_difference": milvus[k] - exact[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3")},
+        }
+    return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})

@@ -1,0 +1,242 @@
+"""Evaluation results as a terminal table, report.json (stable keys), report.md and pictures."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from patchcore_milvus import __version__
+from patchcore_milvus.bank import Bank
+from patchcore_milvus.evaluate import GOOD, CategoryEvaluation
+from patchcore_milvus.visualize import overlay_figure, save_atomically
+
+MEAN_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.3")
+THRESHOLD_KEYS = ("image_f1", "accuracy", "pixel_f1", "pixel_iou")
+
+
+def summary(evaluations: list[CategoryEvaluation]) -> dict[str, Any]:
+    """The whole report: per category, and the mean over categories per search method."""
+    categories = {e.category: e.report for e in evaluations}
+    methods = sorted({m for e in evaluations for m in e.report["search"]})
+    mean: dict[str, Any] = {}
+    for method in methods:
+        rows = [e.report["search"][method] for e in evaluations if method in e.report["search"]]
+        mean[method] = {k: float(np.mean([r[k] for r in rows])) for k in MEAN_KEYS}
+        at = [r["at_threshold"] for r in rows if "at_threshold" in r]
+        mean[method].update({k: float(np.mean([a[k] for a in at])) for k in THRESHOLD_KEYS if at and k in at[0]})
+    return {
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "categories": categories,
+        "mean": mean,
+    }
+
+
+def table_lines(report: dict[str, Any]) -> list[str]:
+    header = [
+        "category",
+        "search",
+        "img AUROC",
+        "pix AUROC",
+        "AUPRO",
+        "img F1",
+        "acc",
+        "FP",
+        "FN",
+        "pix F1",
+        "IoU",
+        "ms/img",
+        "recall@1",
+    ]
+    rows = []
+    for category, entry in report["categories"].items():
+        for method, m in entry["search"].items():
+            at = m.get("at_threshold", {})
+            ms = sum(m["time_ms"][s]["median"] for s in m["time_ms"])
+            recall = entry.get("ann_vs_exact", {}).get("patch_recall_at_1") if method == "milvus" else None
+            rows.append(
+                [
+                    category,
+                    method,
+                    f"{m['image_auroc']:.4f}",
+                    f"{m['pixel_auroc']:.4f}",
+                    f"{m['aupro_0.3']:.4f}",
+                    _fmt(at.get("image_f1")),
+                    _fmt(at.get("accuracy")),
+                    str(at.get("false_positives", "-")),
+                    str(at.get("false_negatives", "-")),
+                    _fmt(at.get("pixel_f1")),
+                    _fmt(at.get("pixel_iou")),
+                    f"{ms:.0f}",
+                    _fmt(recall),
+                ]
+            )
+    if len(report["categories"]) > 1:
+        for method, m in report["mean"].items():
+            rows.append(
+                [
+                    "mean",
+                    method,
+                    f"{m['image_auroc']:.4f}",
+                    f"{m['pixel_auroc']:.4f}",
+                    f"{m['aupro_0.3']:.4f}",
+                    _fmt(m.get("image_f1")),
+                    _fmt(m.get("accuracy")),
+                    "",
+                    "",
+                    _fmt(m.get("pixel_f1")),
+                    _fmt(m.get("pixel_iou")),
+                    "",
+                    "",
+                ]
+            )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    return [
+        "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def write_report(
+    report: dict[str, Any], evaluations: list[CategoryEvaluation], banks: dict[str, Bank], out: Path
+) -> list[Path]:
+    """report.json, report.md, and per category: ROC and PRO curves and a contact sheet."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json", out / "report.md"]
+    save_atomically(written[0], lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    save_atomically(written[1], lambda p: Path(p).write_text(markdown(report)))
+    for evaluation in evaluations:
+        written.append(plot_curves(evaluation, out / f"{evaluation.category}_curves.png"))
+        written.append(contact_sheet(evaluation, banks[evaluation.category], out / f"{evaluation.category}_worst.png"))
+    return written
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Evaluation ({report['created']}, patchcore-milvus {report['package_version']})",
+        "",
+        "```",
+        *table_lines(report),
+        "```",
+        "",
+    ]
+    for category, entry in report["categories"].items():
+        bank = entry["bank"]
+        lines += [
+            f"## {category}",
+            "",
+            f"Bank {bank['collection']}: {bank['vectors']} vectors x {bank['dim']} dims "
+            f"({bank['bytes'] / 2**20:.1f} MiB), {bank['index']['type']} {bank['index']['params']}, "
+            f"backbone {bank['backbone']}; {entry['test_images']} test images; pixel metrics on "
+            f"{entry['pixel_size']} x {entry['pixel_size']} maps.",
+            "",
+        ]
+        for method, m in entry["search"].items():
+            per_defect = ", ".join(f"{d} {v:.4f}" for d, v in m["image_auroc_per_defect"].items())
+            stages = ", ".join(f"{s} {t['median']:.0f} (p95 {t['p95']:.0f})" for s, t in m["time_ms"].items())
+            lines += [
+                f"- {method}: image AUROC per defect type: {per_defect}",
+                f"- {method}: ms per image, median (p95): {stages}; {m['images_per_second']:.2f} images/s",
+            ]
+        if "ann_vs_exact" in entry:
+            a = entry["ann_vs_exact"]
+            lines.append(
+                f"- Milvus vs exact: patch recall@1 {a['patch_recall_at_1']:.4f}; differences "
+                f"image AUROC {a['image_auroc_difference']:+.4f}, pixel AUROC "
+                f"{a['pixel_auroc_difference']:+.4f}, AUPRO {a['aupro_0.3_difference']:+.4f}"
+            )
+        lines += ["", f"![curves]({category}_curves.png)", "", f"![worst cases]({category}_worst.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(evaluation: CategoryEvaluation, target: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    titles = {"image_roc": "image ROC", "pixel_roc": "pixel ROC", "pro": "PRO (AUPRO up to FPR 0.3)"}
+    for axis, (key, title) in zip(axes, titles.items()):
+        for method, curves in evaluation.curves.items():
+            x, y = curves[key]
+            metric = evaluation.report["search"][method]
+            value = {
+                "image_roc": metric["image_auroc"],
+                "pixel_roc": metric["pixel_auroc"],
+                "pro": metric["aupro_0.3"],
+            }[key]
+            axis.plot(x, y, label=f"{method} ({value:.4f})", linestyle="-" if method == "milvus" else "--")
+        if key == "pro":
+            axis.axvline(0.3, color="grey", linewidth=0.8)
+            axis.set_ylabel("per-region overlap")
+        else:
+            axis.set_ylabel("true-positive rate")
+        axis.set_xlabel("false-positive rate")
+        axis.set_title(f"{evaluation.category}: {title}")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        axis.legend(loc="lower right")
+    figure.tight_layout()
+    save_atomically(target, lambda p: figure.savefig(p, format="png", dpi=90))
+    plt.close(figure)
+    return target
+
+
+def worst_cases(evaluation: CategoryEvaluation, threshold: float | None, count: int = 12) -> list[int]:
+    """Indices: false positives (highest score first), false negatives (lowest first), then near misses."""
+    scores = next(iter(evaluation.scores.values()))
+    good = [i for i, image in enumerate(evaluation.images) if image.defect == GOOD]
+    bad = [i for i, image in enumerate(evaluation.images) if image.defect != GOOD]
+    good.sort(key=lambda i: -scores[i])
+    bad.sort(key=lambda i: scores[i])
+    if threshold is None:
+        return (good[: count // 2] + bad[: count // 2])[:count]
+    false_pos = [i for i in good if scores[i] > threshold]
+    false_neg = [i for i in bad if scores[i] <= threshold]
+    near = [i for pair in zip(good, bad) for i in pair if i not in false_pos and i not in false_neg]
+    return (false_pos + false_neg + near)[:count]
+
+
+def contact_sheet(evaluation: CategoryEvaluation, bank: Bank, target: Path, tile: int = 600) -> Path:
+    """Overlays of the worst cases in a grid of 3 columns, each under a readable label.
+
+    The chosen images are scored again, so that no full-size map had to be kept in memory.
+    """
+    chosen = worst_cases(evaluation, bank.image_threshold)
+    threshold = bank.image_threshold
+    font = ImageFont.load_default(size=18)
+    label_height = 26
+    tiles = []
+    for path, result in bank.score_paths([evaluation.images[i].path for i in chosen]):
+        is_good = path.parent.name == GOOD
+        if threshold is None:
+            kind = "good" if is_good else "defect"
+        elif is_good:
+            kind = "FALSE POSITIVE" if result.image_score > threshold else "good, near miss"
+        else:
+            kind = "FALSE NEGATIVE" if result.image_score <= threshold else "defect, near miss"
+        figure = overlay_figure(result, title=f"{path.parent.name}/{path.name}")
+        figure = figure.resize((tile, round(tile * figure.height / figure.width)))
+        framed = Image.new("RGB", (tile, figure.height + label_height), "white")
+        framed.paste(figure, (0, label_height))
+        text = f"{kind}: {path.parent.name}/{path.name}  score {result.image_score:.2f}"
+        ImageDraw.Draw(framed).text((6, 3), text, fill=(0, 0, 0), font=font)
+        tiles.append(framed)
+    columns = 3
+    height = max(f.height for f in tiles)
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * tile, rows * (height + 4)), "white")
+    for k, figure in enumerate(tiles):
+        sheet.paste(figure, ((k % columns) * tile, (k // columns) * (height + 4)))
+    save_atomically(target, lambda p: sheet.save(p, format="PNG"))
+    return target

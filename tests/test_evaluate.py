@@ -1,0 +1,108 @@
+"""`evaluate` on a small synthetic data set in the MVTec AD layout, against a real Milvus Lite file."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import textured_image
+from PIL import Image
+
+from patchcore_milvus.cli import main
+from patchcore_milvus.errors import ImageError
+from patchcore_milvus.evaluate import CategoryEvaluation, LabelledImage, load_test_set
+from patchcore_milvus.report import worst_cases
+
+FAST = ["--image-size", "64", "--no-progress"]
+
+
+@pytest.fixture
+def mvtec_like(tmp_path: Path) -> Path:
+    """DATA_ROOT/texture with train/good, test/good, test/blob and ground_truth/blob masks."""
+    root = tmp_path / "data" / "texture"
+    for folder in ("train/good", "test/good", "test/blob", "ground_truth/blob"):
+        (root / folder).mkdir(parents=True)
+    for i in range(8):
+        textured_image(i).save(root / "train" / "good" / f"{i:03d}.png")
+    for i in range(4):
+        textured_image(100 + i).save(root / "test" / "good" / f"{i:03d}.png")
+        textured_image(200 + i, defect=True).save(root / "test" / "blob" / f"{i:03d}.png")
+        mask = np.zeros((96, 96), np.uint8)
+        mask[32:51, 48:67] = 255  # where textured_image paints the defect
+        Image.fromarray(mask).save(root / "ground_truth" / "blob" / f"{i:03d}_mask.png")
+    return root.parent
+
+
+def test_evaluate_writes_a_readable_report(mvtec_like: Path, tmp_path: Path):
+    db = str(tmp_path / "eval.db")
+    runner = CliRunner()
+    ingest = runner.invoke(
+        main,
+        [
+            "ingest",
+            str(mvtec_like),
+            "--category",
+            "texture",
+            "--uri",
+            db,
+            "--coreset-ratio",
+            "0.25",
+            "--holdout-ratio",
+            "0.25",
+            *FAST,
+        ],
+    )
+    assert ingest.exit_code == 0, ingest.output
+    out = tmp_path / "report"
+    result = runner.invoke(main, ["evaluate", str(mvtec_like), "--all", "--uri", db, "--report", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    header, milvus_row, exact_row = result.output.splitlines()[:3]
+    assert header.split()[:3] == ["category", "search", "img"]
+    assert milvus_row.split()[:3] == ["texture", "milvus", "1.0000"]
+    assert exact_row.split()[:3] == ["texture", "exact", "1.0000"]
+    report = json.loads((out / "report.json").read_text())
+    entry = report["categories"]["texture"]
+    assert entry["test_images"] == 8 and entry["defect_types"] == ["blob"]
+    milvus = entry["search"]["milvus"]
+    assert set(milvus) >= {
+        "image_auroc",
+        "pixel_auroc",
+        "aupro_0.3",
+        "image_auroc_per_defect",
+        "at_threshold",
+        "time_ms",
+        "images_per_second",
+    }
+    assert milvus["pixel_auroc"] > 0.8 and 0 < milvus["aupro_0.3"] <= 1
+    assert set(milvus["time_ms"]) == {"load", "extract", "search", "post"}
+    assert entry["bank"]["vectors"] == 96 and entry["bank"]["bytes"] == 96 * 152 * 4
+    assert entry["ann_vs_exact"]["patch_recall_at_1"] > 0.95
+    assert abs(entry["ann_vs_exact"]["image_auroc_difference"]) <= 0.002
+    assert report["mean"]["milvus"]["image_auroc"] == milvus["image_auroc"]
+    assert "## texture" in (out / "report.md").read_text()
+    for picture in ("texture_curves.png", "texture_worst.png"):
+        assert Image.open(out / picture).width > 500
+
+
+def test_worst_cases_put_false_positives_and_negatives_first():
+    defects = ("good", "good", "good", "blob", "blob")
+    evaluation = CategoryEvaluation(
+        category="texture",
+        report={},
+        curves={},
+        images=[LabelledImage(Path(f"{i}.png"), d, None) for i, d in enumerate(defects)],
+        scores={"milvus": np.array([1.0, 5.0, 2.0, 4.0, 9.0])},
+    )
+    # Threshold 3: image 1 (good, 5.0) is a false positive, image 3 (blob, 4.0) is not a false negative.
+    assert worst_cases(evaluation, 3.0, count=3)[0] == 1
+    assert worst_cases(evaluation, 4.5, count=2) == [1, 3]
+
+
+def test_wrong_layout_is_explained(tmp_path: Path):
+    with pytest.raises(ImageError, match="expected the MVTec AD layout"):
+        load_test_set(tmp_path)
+    (tmp_path / "test" / "crack").mkdir(parents=True)
+    textured_image(0).save(tmp_path / "test" / "crack" / "000.png")
+    with pytest.raises(ImageError, match="has no ground-truth mask"):
+        load_test_set(tmp_path)
