@@ -27,27 +27,74 @@ def greedy_coreset(
 ) -> np.ndarray:
     """Indices of `size` rows chosen so that every row lies close to a chosen one.
 
-    Each pick is the row farthest from all rows picked so far (minimax facility location).
-    Memory stays O(N * projection_dim): one running vector of squared distances to the
-    nearest pick, updated by one matrix-vector product per pick; no N x N matrix.
+    Each pick is the row farthest from all rows picked so far (minimax facility location),
+    exactly as `greedy_coreset_plain` picks, but most distance computations are skipped:
+    every row belongs to its nearest pick (its centre), and each centre knows the largest
+    distance r of its rows. A new pick c can only come closer to a row x of centre a than a
+    is if d(a, c) < 2 r (triangle inequality: d(x, c) >= d(a, c) - d(x, a)), so rows of all
+    other centres are left alone. As the coreset grows, clusters shrink and a pick touches a
+    small share of the rows. Memory stays O(N * projection_dim).
     """
     projected = random_projection(features, projection_dim, seed)
     n = projected.shape[0]
     size = min(size, n)
     squared_norms = (projected * projected).sum(dim=1)
-    first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    current = _first_pick(n, seed)
     picks = np.empty(size, dtype=np.int64)
-    nearest = torch.full((n,), float("inf"))
-    current = first
+    centres = torch.empty(size, projected.shape[1])
+    centre_norms = torch.empty(size)
+    radius = torch.zeros(size)  # largest distance from each centre to its rows
+    owner = torch.zeros(n, dtype=torch.long)  # which centre each row belongs to
+    nearest = torch.full((n,), float("inf"))  # squared distance of each row to its centre
+    everything = torch.arange(n)
     with tqdm(total=size, desc="coreset", unit="pick", disable=not progress, miniters=max(1, size // 100)) as bar:
         for i in range(size):
             picks[i] = current
             centre = projected[current]
-            distances = squared_norms - 2.0 * (projected @ centre) + squared_norms[current]
-            torch.minimum(nearest, distances, out=nearest)
+            centres[i], centre_norms[i] = centre, squared_norms[current]
+            if i == 0:
+                rows = everything
+            else:
+                to_centres = (centre_norms[:i] - 2.0 * (centres[:i] @ centre) + centre_norms[i]).clamp_min(0).sqrt()
+                # A small margin keeps float rounding from pruning a row that might move.
+                affected = to_centres < 2.0 * radius[:i] * (1 + _MARGIN) + _MARGIN
+                rows = affected[owner].nonzero().squeeze(1)
+            distances = squared_norms[rows] - 2.0 * (projected[rows] @ centre) + centre_norms[i]
+            closer = distances < nearest[rows]
+            moved = rows[closer]
+            nearest[moved] = distances[closer]
+            owner[moved] = i
             nearest[current] = 0.0  # exact zero despite rounding, so a pick is never picked again
+            if i > 0:
+                radius[:i][affected] = 0.0
+            radius.scatter_reduce_(0, owner[rows], nearest[rows].clamp_min(0).sqrt(), reduce="amax")
             current = int(torch.argmax(nearest))
             bar.update()
+    return picks
+
+
+_MARGIN = 1e-3
+
+
+def _first_pick(n: int, seed: int) -> int:
+    return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
+def greedy_coreset_plain(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> np.ndarray:
+    """The textbook loop: one distance per row per pick. The reference `greedy_coreset` must match."""
+    projected = random_projection(features, projection_dim, seed)
+    n = projected.shape[0]
+    size = min(size, n)
+    squared_norms = (projected * projected).sum(dim=1)
+    picks = np.empty(size, dtype=np.int64)
+    nearest = torch.full((n,), float("inf"))
+    current = _first_pick(n, seed)
+    for i in range(size):
+        picks[i] = current
+        distances = squared_norms - 2.0 * (projected @ projected[current]) + squared_norms[current]
+        torch.minimum(nearest, distances, out=nearest)
+        nearest[current] = 0.0
+        current = int(torch.argmax(nearest))
     return picks
 
 

@@ -1,7 +1,14 @@
 import numpy as np
+import pytest
 import torch
 
-from patchcore_milvus.coreset import coreset_size, covering_radius, greedy_coreset, random_projection
+from patchcore_milvus.coreset import (
+    coreset_size,
+    covering_radius,
+    greedy_coreset,
+    greedy_coreset_plain,
+    random_projection,
+)
 
 
 def clustered(n: int = 3000, dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -62,3 +69,15 @@ def test_size_from_ratio_or_count():
     assert coreset_size(1000, 0.1, 37) == 37
     assert coreset_size(10, 0.001, None) == 1
     assert coreset_size(10, 0.5, 500) == 10
+
+
+def test_pruning_skips_work_but_not_picks():
+    """The triangle-inequality pruning is exact: the same picks as the textbook loop."""
+    features = clustered(n=5000, dim=32, seed=1)
+    np.testing.assert_array_equal(greedy_coreset(features, 400, 16, seed=2), greedy_coreset_plain(features, 400, 16, 2))
+    # Exact duplicates: the 100 distinct rows come first and alike; beyond them every distance is 0
+    # up to rounding, so which duplicate comes next is a tie that rounding decides.
+    duplicated = torch.cat([features[:100]] * 3)
+    pruned, plain = greedy_coreset(duplicated, 150, 16), greedy_coreset_plain(duplicated, 150, 16)
+    np.testing.assert_array_equal(pruned[:100] % 100, plain[:100] % 100)
+    assert covering_radius(duplicated, pruned) == pytest.approx(covering_radius(duplicated, plain))

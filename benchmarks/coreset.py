@@ -1,0 +1,87 @@
+"""Coreset selection: the pruned greedy k-centre against the plain loop and an anomalib-style one.
+
+All three run on the patch features of the same training images (default configuration:
+EfficientNet-Lite0, 256 px, 152 dims) with the same seed. `pruned` and `plain` share the
+128-dim Gaussian projection, so their picks can be compared one by one; `anomalib` projects
+with scikit-learn's SparseRandomProjection (eps 0.9) and recomputes each row's distance to the
+new pick from scratch, as anomalib's KCenterGreedy does. The covering radius (largest distance
+from any patch to its nearest pick, in the full 152-dim feature space) says how well each
+coreset covers the features: lower is better.
+
+    python benchmarks/coreset.py --images 209 --methods pruned,plain
+    python benchmarks/coreset.py --images 50 --methods pruned,plain,anomalib
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.random_projection import SparseRandomProjection
+
+from patchcore_milvus.config import Config
+from patchcore_milvus.coreset import coreset_size, covering_radius, greedy_coreset, greedy_coreset_plain
+from patchcore_milvus.features import FeaturePipeline
+from patchcore_milvus.images import list_images
+from patchcore_milvus.ingest import extract_patches
+
+
+def anomalib_style(features: torch.Tensor, size: int, seed: int) -> np.ndarray:
+    projected = SparseRandomProjection(eps=0.9, random_state=seed).fit_transform(features.numpy())
+    z = torch.from_numpy(np.asarray(projected, dtype=np.float32))
+    nearest = torch.full((len(z),), float("inf"))
+    current = int(np.random.default_rng(seed).integers(len(z)))
+    picks = np.empty(size, dtype=np.int64)
+    for i in range(size):
+        picks[i] = current
+        nearest = torch.minimum(nearest, torch.linalg.norm(z - z[current], dim=1))
+        nearest[current] = 0.0
+        current = int(torch.argmax(nearest))
+    return picks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/mvtec_ad"))
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--images", type=int, default=209, help="the first N training images")
+    parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--methods", default="pruned,plain,anomalib")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    paths = list_images(args.data / args.category / "train" / "good")[: args.images]
+    features, _ = extract_patches(FeaturePipeline(Config()), paths, batch_size=8, progress=True)
+    size = coreset_size(len(features), args.ratio, None)
+    print(f"{args.category}: {len(paths)} images, {len(features)} patches x {features.shape[1]} dims, {size} picks")
+
+    runners = {
+        "pruned": lambda: greedy_coreset(features, size, 128, args.seed, progress=True),
+        "plain": lambda: greedy_coreset_plain(features, size, 128, args.seed),
+        "anomalib": lambda: anomalib_style(features, size, args.seed),
+    }
+    results = {}
+    for name in args.methods.split(","):
+        started = time.perf_counter()
+        picks = runners[name]()
+        seconds = time.perf_counter() - started
+        results[name] = (picks, seconds, covering_radius(features, picks))
+        print(f"  {name}: {seconds:.1f} s", flush=True)
+
+    print(f"{'method':<10}{'seconds':>10}{'ms/pick':>10}{'radius':>10}{'vs pruned':>11}")
+    pruned_seconds = results["pruned"][1] if "pruned" in results else None
+    for name, (_, seconds, radius) in results.items():
+        ratio = f"{seconds / pruned_seconds:.1f}x" if pruned_seconds else "-"
+        print(f"{name:<10}{seconds:>10.1f}{1000 * seconds / size:>10.2f}{radius:>10.4f}{ratio:>11}")
+    if "pruned" in results and "plain" in results:
+        same = np.array_equal(results["pruned"][0], results["plain"][0])
+        agree = np.mean(results["pruned"][0] == results["plain"][0])
+        print(f"pruned picks identical to plain: {same} ({agree:.2%} of positions agree)")
+
+
+if __name__ == "__main__":
+    main()
