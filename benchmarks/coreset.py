@@ -3,7 +3,8 @@
 All three run on the patch features of the same training images (default configuration:
 EfficientNet-Lite0, 256 px, 152 dims) with the same seed. `pruned` and `plain` share the
 128-dim Gaussian projection, so their picks can be compared one by one; `anomalib` projects
-with scikit-learn's SparseRandomProjection (eps 0.9) and recomputes each row's distance to the
+with scikit-learn's SparseRandomProjection (eps 0.9; where that would need more dims than
+the features have, it uses the features as they are) and recomputes each row's distance to the
 new pick from scratch, as anomalib's KCenterGreedy does. The covering radius (largest distance
 from any patch to its nearest pick, in the full 152-dim feature space) says how well each
 coreset covers the features: lower is better.
@@ -30,7 +31,10 @@ from patchcore_milvus.ingest import extract_patches
 
 
 def anomalib_style(features: torch.Tensor, size: int, seed: int) -> np.ndarray:
-    projected = SparseRandomProjection(eps=0.9, random_state=seed).fit_transform(features.numpy())
+    try:
+        projected = SparseRandomProjection(eps=0.9, random_state=seed).fit_transform(features.numpy())
+    except ValueError:  # the JL dimension for eps 0.9 exceeds the 152 feature dims: nothing to reduce
+        projected = features.numpy()
     z = torch.from_numpy(np.asarray(projected, dtype=np.float32))
     nearest = torch.full((len(z),), float("inf"))
     current = int(np.random.default_rng(seed).integers(len(z)))
