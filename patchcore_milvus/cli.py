@@ -78,6 +78,22 @@ def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
 
 EXTRACTOR = ["backbone", "weights", "image_size", "center_crop", "normalization", "target_dim"]
 
+# What scoring against an existing bank takes (query, evaluate).
+SCORING = [
+    "uri",
+    "milvus_timeout",
+    *EXTRACTOR,
+    "seed",
+    "search_params",
+    "image_threshold",
+    "pixel_threshold",
+    "reweight",
+    "reweight_neighbors",
+    "blur_sigma",
+    "batch_size",
+    "num_threads",
+]
+
 
 def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add `--config` and the named flags; the command receives the merged Config as `config`."""
@@ -197,20 +213,7 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
     help="Write per image: raw map (.npy), overlay (PNG), mask (PNG).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead of text lines.")
-@config_options(
-    "uri",
-    "milvus_timeout",
-    *EXTRACTOR,
-    "seed",
-    "search_params",
-    "image_threshold",
-    "pixel_threshold",
-    "reweight",
-    "reweight_neighbors",
-    "blur_sigma",
-    "batch_size",
-    "num_threads",
-)
+@config_options(*SCORING)
 def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json: bool, config: Config) -> None:
     """Score images (files or folders) against CATEGORY's bank: score, verdict, map, mask."""
     from patchcore_milvus.bank import Bank
@@ -261,21 +264,7 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
 @click.option(
     "--pixel-size", type=int, default=256, show_default=True, help="Maps and masks are compared at this square size."
 )
-@config_options(
-    "uri",
-    "milvus_timeout",
-    *EXTRACTOR,
-    "seed",
-    "search_params",
-    "image_threshold",
-    "pixel_threshold",
-    "reweight",
-    "reweight_neighbors",
-    "blur_sigma",
-    "batch_size",
-    "num_threads",
-    "progress",
-)
+@config_options(*SCORING, "progress")
 def evaluate(
     data_root: Path,
     categories: tuple[str, ...],

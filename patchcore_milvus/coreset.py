@@ -22,6 +22,10 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     return features.float() @ matrix
 
 
+# Relative and absolute slack in the pruning test, so that float rounding never prunes a row that might move.
+_MARGIN = 1e-3
+
+
 def greedy_coreset(
     features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0, progress: bool = False
 ) -> np.ndarray:
@@ -56,7 +60,6 @@ def greedy_coreset(
                 rows = everything
             else:
                 to_centres = (centre_norms[:i] - 2.0 * (centres[:i] @ centre) + centre_norms[i]).clamp_min(0).sqrt()
-                # A small margin keeps float rounding from pruning a row that might move.
                 affected = to_centres < 2.0 * radius[:i] * (1 + _MARGIN) + _MARGIN
                 rows = affected[owner].nonzero().squeeze(1)
             distances = squared_norms[rows] - 2.0 * (projected[rows] @ centre) + centre_norms[i]
@@ -71,9 +74,6 @@ def greedy_coreset(
             current = int(torch.argmax(nearest))
             bar.update()
     return picks
-
-
-_MARGIN = 1e-3
 
 
 def _first_pick(n: int, seed: int) -> int:
