@@ -16,6 +16,7 @@ coreset covers the features: lower is better.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,13 +60,16 @@ def main() -> None:
     torch.set_num_threads(2)
 
     paths = list_images(args.data / args.category / "train" / "good")[: args.images]
-    features, _ = extract_patches(FeaturePipeline(Config()), paths, batch_size=8, progress=True)
+    with tempfile.TemporaryDirectory() as folder:
+        patches = extract_patches(FeaturePipeline(Config()), paths, 8, 128, args.seed, Path(folder), progress=True)
+        features = torch.from_numpy(np.array(patches.full))
+    projected = patches.projected
     size = coreset_size(len(features), args.ratio, None)
     print(f"{args.category}: {len(paths)} images, {len(features)} patches x {features.shape[1]} dims, {size} picks")
 
     runners = {
-        "pruned": lambda: greedy_coreset(features, size, 128, args.seed, progress=True),
-        "plain": lambda: greedy_coreset_plain(features, size, 128, args.seed),
+        "pruned": lambda: greedy_coreset(projected, size, args.seed, progress=True),
+        "plain": lambda: greedy_coreset_plain(projected, size, args.seed),
         "anomalib": lambda: anomalib_style(features, size, args.seed),
     }
     results = {}

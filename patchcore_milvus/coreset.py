@@ -13,23 +13,28 @@ def coreset_size(n_patches: int, ratio: float, size: int | None) -> int:
     return max(1, min(n_patches, wanted))
 
 
-def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """Johnson-Lindenstrauss projection to `dim` dims; distances are kept up to a constant factor."""
-    if dim >= features.shape[1]:
-        return features.float()
+def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor | None:
+    """Johnson-Lindenstrauss Gaussian projection: distances kept up to a constant factor.
+    None where `out_dim` would not reduce anything."""
+    if out_dim >= in_dim:
+        return None
     generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(features.shape[1], dim, generator=generator) / dim**0.5
-    return features.float() @ matrix
+    return torch.randn(in_dim, out_dim, generator=generator) / out_dim**0.5
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """`features` projected to `dim` dims (unchanged if they have no more)."""
+    matrix = projection_matrix(features.shape[1], dim, seed)
+    return features.float() if matrix is None else features.float() @ matrix
 
 
 # Relative and absolute slack in the pruning test, so that float rounding never prunes a row that might move.
 _MARGIN = 1e-3
 
 
-def greedy_coreset(
-    features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0, progress: bool = False
-) -> np.ndarray:
-    """Indices of `size` rows chosen so that every row lies close to a chosen one.
+def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Indices of `size` rows of `projected` (see `random_projection`) chosen so that every
+    row lies close to a chosen one.
 
     Each pick is the row farthest from all rows picked so far (minimax facility location),
     exactly as `greedy_coreset_plain` picks, but most distance computations are skipped:
@@ -37,9 +42,8 @@ def greedy_coreset(
     distance r of its rows. A new pick c can only come closer to a row x of centre a than a
     is if d(a, c) < 2 r (triangle inequality: d(x, c) >= d(a, c) - d(x, a)), so rows of all
     other centres are left alone. As the coreset grows, clusters shrink and a pick touches a
-    small share of the rows. Memory stays O(N * projection_dim).
+    small share of the rows. Memory stays O(N * projected dims).
     """
-    projected = random_projection(features, projection_dim, seed)
     n = projected.shape[0]
     size = min(size, n)
     squared_norms = (projected * projected).sum(dim=1)
@@ -80,9 +84,8 @@ def _first_pick(n: int, seed: int) -> int:
     return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
-def greedy_coreset_plain(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> np.ndarray:
+def greedy_coreset_plain(projected: torch.Tensor, size: int, seed: int = 0) -> np.ndarray:
     """The textbook loop: one distance per row per pick. The reference `greedy_coreset` must match."""
-    projected = random_projection(features, projection_dim, seed)
     n = projected.shape[0]
     size = min(size, n)
     squared_norms = (projected * projected).sum(dim=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from patchcore_milvus import __version__
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.config import Config
-from patchcore_milvus.coreset import coreset_size, greedy_coreset
+from patchcore_milvus.coreset import coreset_size, greedy_coreset, projection_matrix
 from patchcore_milvus.errors import ImageError
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
@@ -52,23 +53,51 @@ class IngestSummary:
         ]
 
 
+@dataclass
+class PatchSet:
+    """Patch features of the bank images: full dims on disk, only the coreset's projection in RAM,
+    so that ingest memory grows with the projected dims, not the feature dims."""
+
+    full: np.ndarray  # (N, D) float32, a memory-mapped .npy file
+    projected: torch.Tensor  # (N, p) float32
+    positions: np.ndarray  # (N, 3) int32: image index, patch y, patch x
+
+
 def extract_patches(
-    features: FeaturePipeline, paths: list[Path], batch_size: int, progress: bool
-) -> tuple[torch.Tensor, np.ndarray]:
-    """All patch embeddings of `paths` as (N, D), and for each its (image index, y, x)."""
-    chunks, positions = [], []
+    features: FeaturePipeline,
+    paths: list[Path],
+    batch_size: int,
+    projection_dim: int,
+    seed: int,
+    folder: Path,
+    progress: bool,
+) -> PatchSet:
+    """Features of every patch of `paths`, streamed to `folder/patches.npy` batch by batch."""
+    matrix = projection_matrix(features.dim, projection_dim, seed)
+    patch_set = None
     with tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            batch = torch.stack([features.preprocess(load_rgb(p)) for p in chunk])
+            batch = torch.stack([features.preprocess(load_rgb(p)) for p in paths[start : start + batch_size]])
             patches = features(batch)
             n, h, w, d = patches.shape
-            chunks.append(patches.reshape(-1, d))
+            if patch_set is None:  # every image gives the same grid, so the total is known now
+                total = len(paths) * h * w
+                patch_set = PatchSet(
+                    full=np.lib.format.open_memmap(folder / "patches.npy", "w+", np.float32, (total, d)),
+                    projected=torch.empty(total, d if matrix is None else matrix.shape[1]),
+                    positions=np.empty((total, 3), dtype=np.int32),
+                )
+            rows = slice(start * h * w, (start + n) * h * w)
+            flat = patches.reshape(-1, d)
+            patch_set.full[rows] = flat.numpy()
+            patch_set.projected[rows] = flat if matrix is None else flat @ matrix
             grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), axis=-1).reshape(-1, 2)
-            for i in range(n):
-                positions.append(np.column_stack([np.full(h * w, start + i), grid]))
+            patch_set.positions[rows] = np.column_stack(
+                [np.repeat(np.arange(start, start + n), h * w), np.tile(grid, (n, 1))]
+            )
             bar.update(n)
-    return torch.cat(chunks), np.concatenate(positions)
+    assert patch_set is not None  # paths is never empty here
+    return patch_set
 
 
 def fit_bank(
@@ -87,25 +116,35 @@ def fit_bank(
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
     seconds: dict[str, float] = {}
 
-    t = time.perf_counter()
     features = FeaturePipeline(config)
-    patches, positions = extract_patches(features, [images[i] for i in bank_idx], config.batch_size, config.progress)
-    seconds["features"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:
+        t = time.perf_counter()
+        patches = extract_patches(
+            features,
+            [images[i] for i in bank_idx],
+            config.batch_size,
+            config.projection_dim,
+            config.seed,
+            Path(work),
+            config.progress,
+        )
+        seconds["features"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    size = coreset_size(len(patches), config.coreset_ratio, config.coreset_size)
-    picks = greedy_coreset(patches, size, config.projection_dim, config.seed, config.progress)
-    seconds["coreset"] = time.perf_counter() - t
+        t = time.perf_counter()
+        n_patches = len(patches.positions)
+        size = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
+        picks = greedy_coreset(patches.projected, size, config.seed, config.progress)
+        seconds["coreset"] = time.perf_counter() - t
+
+        vectors = patches.full[picks]  # the coreset, read back from disk
+        sources = [names[bank_idx[patches.positions[i, 0]]] for i in picks]
+        positions = patches.positions[picks, 1:]
+    del patches  # the projected features go; the memory-mapped file went with the folder
 
     t = time.perf_counter()
     collection = store.create_version(category, features.dim)
     try:
-        store.insert(
-            collection,
-            patches[torch.as_tensor(picks)].numpy(),
-            [names[bank_idx[positions[i, 0]]] for i in picks],
-            positions[picks, 1:],
-        )
+        store.insert(collection, vectors, sources, positions)
         store.build_index(collection, config.index_type, config.effective_index_params)
         seconds["milvus"] = time.perf_counter() - t
 
@@ -119,7 +158,7 @@ def fit_bank(
                 "projection_seed": config.seed,
                 "ratio": config.coreset_ratio,
                 "size": int(size),
-                "patches": len(patches),
+                "patches": n_patches,
             },
             "index": {"type": config.index_type, "params": config.effective_index_params},
             "training_images": {"root": str(root), "bank": [names[i] for i in bank_idx]},
@@ -142,7 +181,7 @@ def fit_bank(
         collection=collection,
         images=len(bank_idx),
         holdout_images=len(held_idx),
-        patches=len(patches),
+        patches=n_patches,
         coreset_size=int(size),
         dim=features.dim,
         index=config.index_type,

@@ -25,23 +25,23 @@ def clustered(n: int = 3000, dim: int = 64, seed: int = 0) -> torch.Tensor:
 
 def test_same_seed_same_picks_other_seed_other_picks():
     features = clustered()
-    first = greedy_coreset(features, 100, projection_dim=16, seed=3)
-    again = greedy_coreset(features, 100, projection_dim=16, seed=3)
-    other = greedy_coreset(features, 100, projection_dim=16, seed=4)
+    first = greedy_coreset(random_projection(features, 16, 3), 100, seed=3)
+    again = greedy_coreset(random_projection(features, 16, 3), 100, seed=3)
+    other = greedy_coreset(random_projection(features, 16, 4), 100, seed=4)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 
 
 def test_picks_are_distinct_and_in_range():
     features = clustered()
-    picks = greedy_coreset(features, 300, projection_dim=32)
+    picks = greedy_coreset(random_projection(features, 32, 0), 300)
     assert len(picks) == 300 == len(set(picks.tolist()))
     assert picks.min() >= 0 and picks.max() < len(features)
 
 
 def test_covering_radius_beats_a_random_subset_of_the_same_size():
     features = clustered()
-    picks = greedy_coreset(features, 150, projection_dim=32, seed=0)
+    picks = greedy_coreset(random_projection(features, 32, 0), 150, seed=0)
     greedy_radius = covering_radius(features, picks)
     random_radii = [
         covering_radius(features, np.random.default_rng(s).choice(len(features), 150, replace=False)) for s in range(5)
@@ -52,7 +52,7 @@ def test_covering_radius_beats_a_random_subset_of_the_same_size():
 def test_each_pick_is_the_farthest_point_from_the_previous_picks():
     """Algorithm 1, checked against a direct computation without projection."""
     features = clustered(n=400, dim=8)
-    picks = greedy_coreset(features, 20, projection_dim=8)
+    picks = greedy_coreset(features, 20)
     for i in range(1, 20):
         distances = torch.cdist(features, features[torch.as_tensor(picks[:i])]).min(dim=1).values
         assert distances[picks[i]] >= distances.max() - 1e-3
@@ -74,10 +74,12 @@ def test_size_from_ratio_or_count():
 def test_pruning_skips_work_but_not_picks():
     """The triangle-inequality pruning is exact: the same picks as the textbook loop."""
     features = clustered(n=5000, dim=32, seed=1)
-    np.testing.assert_array_equal(greedy_coreset(features, 400, 16, seed=2), greedy_coreset_plain(features, 400, 16, 2))
+    projected = random_projection(features, 16, 2)
+    np.testing.assert_array_equal(greedy_coreset(projected, 400, seed=2), greedy_coreset_plain(projected, 400, seed=2))
     # Exact duplicates: the 100 distinct rows come first and alike; beyond them every distance is 0
     # up to rounding, so which duplicate comes next is a tie that rounding decides.
     duplicated = torch.cat([features[:100]] * 3)
-    pruned, plain = greedy_coreset(duplicated, 150, 16), greedy_coreset_plain(duplicated, 150, 16)
+    projected = random_projection(duplicated, 16, 0)
+    pruned, plain = greedy_coreset(projected, 150), greedy_coreset_plain(projected, 150)
     np.testing.assert_array_equal(pruned[:100] % 100, plain[:100] % 100)
     assert covering_radius(duplicated, pruned) == pytest.approx(covering_radius(duplicated, plain))
