@@ -53,27 +53,29 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     centre_norms = torch.empty(size)
     radius = torch.zeros(size)  # largest distance from each centre to its rows
     owner = torch.zeros(n, dtype=torch.long)  # which centre each row belongs to
-    nearest = torch.full((n,), float("inf"))  # squared distance of each row to its centre
-    everything = torch.arange(n)
     with tqdm(total=size, desc="coreset", unit="pick", disable=not progress, miniters=max(1, size // 100)) as bar:
-        for i in range(size):
+        # The first pick owns every row (computed in place: no gathered copy of the whole matrix).
+        picks[0] = current
+        centres[0], centre_norms[0] = projected[current], squared_norms[current]
+        nearest = squared_norms - 2.0 * (projected @ centres[0]) + centre_norms[0]  # squared, to the owner
+        nearest[current] = 0.0  # exact zero despite rounding, so a pick is never picked again
+        radius[0] = nearest.max().clamp_min(0).sqrt()
+        current = int(torch.argmax(nearest))
+        bar.update()
+        for i in range(1, size):
             picks[i] = current
             centre = projected[current]
             centres[i], centre_norms[i] = centre, squared_norms[current]
-            if i == 0:
-                rows = everything
-            else:
-                to_centres = (centre_norms[:i] - 2.0 * (centres[:i] @ centre) + centre_norms[i]).clamp_min(0).sqrt()
-                affected = to_centres < 2.0 * radius[:i] * (1 + _MARGIN) + _MARGIN
-                rows = affected[owner].nonzero().squeeze(1)
+            to_centres = (centre_norms[:i] - 2.0 * (centres[:i] @ centre) + centre_norms[i]).clamp_min(0).sqrt()
+            affected = to_centres < 2.0 * radius[:i] * (1 + _MARGIN) + _MARGIN
+            rows = affected[owner].nonzero().squeeze(1)
             distances = squared_norms[rows] - 2.0 * (projected[rows] @ centre) + centre_norms[i]
             closer = distances < nearest[rows]
             moved = rows[closer]
             nearest[moved] = distances[closer]
             owner[moved] = i
-            nearest[current] = 0.0  # exact zero despite rounding, so a pick is never picked again
-            if i > 0:
-                radius[:i][affected] = 0.0
+            nearest[current] = 0.0
+            radius[:i][affected] = 0.0
             radius.scatter_reduce_(0, owner[rows], nearest[rows].clamp_min(0).sqrt(), reduce="amax")
             current = int(torch.argmax(nearest))
             bar.update()

@@ -58,7 +58,7 @@ class PatchSet:
     """Patch features of the bank images: full dims on disk, only the coreset's projection in RAM,
     so that ingest memory grows with the projected dims, not the feature dims."""
 
-    full: np.ndarray  # (N, D) float32, a memory-mapped .npy file
+    full: np.ndarray  # (N, D) float32, memory-mapped read-only from a file
     projected: torch.Tensor  # (N, p) float32
     positions: np.ndarray  # (N, 3) int32: image index, patch y, patch x
 
@@ -72,32 +72,34 @@ def extract_patches(
     folder: Path,
     progress: bool,
 ) -> PatchSet:
-    """Features of every patch of `paths`, streamed to `folder/patches.npy` batch by batch."""
+    """Features of every patch of `paths`, appended to `folder/patches.f32` batch by batch.
+
+    Plain file writes, not a writable memory map: written pages stay in the page cache, which
+    the kernel can drop, instead of in the process' resident memory.
+    """
     matrix = projection_matrix(features.dim, projection_dim, seed)
-    patch_set = None
-    with tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
+    target = folder / "patches.f32"
+    projected = torch.empty(0)  # allocated once the first batch shows the patch grid
+    positions: list[np.ndarray] = []
+    with target.open("wb") as handle, tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             batch = torch.stack([features.preprocess(load_rgb(p)) for p in paths[start : start + batch_size]])
             patches = features(batch)
             n, h, w, d = patches.shape
-            if patch_set is None:  # every image gives the same grid, so the total is known now
-                total = len(paths) * h * w
-                patch_set = PatchSet(
-                    full=np.lib.format.open_memmap(folder / "patches.npy", "w+", np.float32, (total, d)),
-                    projected=torch.empty(total, d if matrix is None else matrix.shape[1]),
-                    positions=np.empty((total, 3), dtype=np.int32),
-                )
-            rows = slice(start * h * w, (start + n) * h * w)
             flat = patches.reshape(-1, d)
-            patch_set.full[rows] = flat.numpy()
-            patch_set.projected[rows] = flat if matrix is None else flat @ matrix
+            handle.write(flat.numpy().tobytes())
+            if start == 0:  # every image gives the same grid: allocate once, no concatenation later
+                projected = torch.empty(len(paths) * h * w, d if matrix is None else matrix.shape[1])
+            projected[start * h * w : (start + n) * h * w] = flat if matrix is None else flat @ matrix
             grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), axis=-1).reshape(-1, 2)
-            patch_set.positions[rows] = np.column_stack(
-                [np.repeat(np.arange(start, start + n), h * w), np.tile(grid, (n, 1))]
-            )
+            image = np.repeat(np.arange(start, start + n), h * w)
+            positions.append(np.column_stack([image, np.tile(grid, (n, 1))]).astype(np.int32))
             bar.update(n)
-    assert patch_set is not None  # paths is never empty here
-    return patch_set
+    return PatchSet(
+        full=np.memmap(target, dtype=np.float32, mode="r", shape=(len(projected), features.dim)),
+        projected=projected,
+        positions=np.concatenate(positions),
+    )
 
 
 def fit_bank(

@@ -109,7 +109,7 @@ def test_patches_stream_to_disk_and_only_the_projection_stays_in_memory(good_fol
     paths = list_images(good_folder)[:5]
     features = FeaturePipeline(Config(image_size=64))
     patches = extract_patches(features, paths, 2, 16, 7, tmp_path, progress=False)
-    assert isinstance(patches.full, np.memmap) and (tmp_path / "patches.npy").exists()
+    assert isinstance(patches.full, np.memmap) and (tmp_path / "patches.f32").exists()
     assert patches.full.shape == (5 * 64, 152) and patches.projected.shape == (5 * 64, 16)
     # Batch by batch gives what one pass over everything gives.
     import torch
