@@ -46,7 +46,7 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     """
     n = projected.shape[0]
     size = min(size, n)
-    squared_norms = (projected * projected).sum(dim=1)
+    squared_norms = _squared_norms(projected)
     current = _first_pick(n, seed)
     picks = np.empty(size, dtype=np.int64)
     centres = torch.empty(size, projected.shape[1])
@@ -82,6 +82,11 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     return picks
 
 
+def _squared_norms(vectors: torch.Tensor) -> torch.Tensor:
+    """Row norms squared, without an N x dims temporary (that would double ingest's peak memory)."""
+    return torch.linalg.vector_norm(vectors, dim=1).square()
+
+
 def _first_pick(n: int, seed: int) -> int:
     return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
 
@@ -90,7 +95,7 @@ def greedy_coreset_plain(projected: torch.Tensor, size: int, seed: int = 0) -> n
     """The textbook loop: one distance per row per pick. The reference `greedy_coreset` must match."""
     n = projected.shape[0]
     size = min(size, n)
-    squared_norms = (projected * projected).sum(dim=1)
+    squared_norms = _squared_norms(projected)
     picks = np.empty(size, dtype=np.int64)
     nearest = torch.full((n,), float("inf"))
     current = _first_pick(n, seed)
