@@ -69,7 +69,10 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
             to_centres = (centre_norms[:i] - 2.0 * (centres[:i] @ centre) + centre_norms[i]).clamp_min(0).sqrt()
             affected = to_centres < 2.0 * radius[:i] * (1 + _MARGIN) + _MARGIN
             rows = affected[owner].nonzero().squeeze(1)
-            distances = squared_norms[rows] - 2.0 * (projected[rows] @ centre) + centre_norms[i]
+            if len(rows) > n // 4:  # most rows: one product over the matrix beats gathering a copy of it
+                distances = (squared_norms - 2.0 * (projected @ centre) + centre_norms[i])[rows]
+            else:
+                distances = squared_norms[rows] - 2.0 * (projected[rows] @ centre) + centre_norms[i]
             closer = distances < nearest[rows]
             moved = rows[closer]
             nearest[moved] = distances[closer]
