@@ -59,46 +59,35 @@ def table_lines(report: dict[str, Any]) -> list[str]:
             at = m.get("at_threshold", {})
             ms = sum(m["time_ms"][s]["median"] for s in m["time_ms"])
             recall = entry.get("ann_vs_exact", {}).get("patch_recall_at_1") if method == "milvus" else None
-            rows.append(
-                [
-                    category,
-                    method,
-                    f"{m['image_auroc']:.4f}",
-                    f"{m['pixel_auroc']:.4f}",
-                    f"{m['aupro_0.3']:.4f}",
-                    _fmt(at.get("image_f1")),
-                    _fmt(at.get("accuracy")),
-                    str(at.get("false_positives", "-")),
-                    str(at.get("false_negatives", "-")),
-                    _fmt(at.get("pixel_f1")),
-                    _fmt(at.get("pixel_iou")),
-                    f"{ms:.0f}",
-                    _fmt(recall),
-                ]
-            )
+            counts = (str(at.get("false_positives", "-")), str(at.get("false_negatives", "-")))
+            rows.append(_row(category, method, m, at, counts, f"{ms:.0f}", _fmt(recall)))
     if len(report["categories"]) > 1:
         for method, m in report["mean"].items():
-            rows.append(
-                [
-                    "mean",
-                    method,
-                    f"{m['image_auroc']:.4f}",
-                    f"{m['pixel_auroc']:.4f}",
-                    f"{m['aupro_0.3']:.4f}",
-                    _fmt(m.get("image_f1")),
-                    _fmt(m.get("accuracy")),
-                    "",
-                    "",
-                    _fmt(m.get("pixel_f1")),
-                    _fmt(m.get("pixel_iou")),
-                    "",
-                    "",
-                ]
-            )
+            rows.append(_row("mean", method, m, m, ("", ""), "", ""))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     return [
         "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
         for row in [header, *rows]
+    ]
+
+
+def _row(
+    label: str, method: str, m: dict[str, Any], at: dict[str, Any], counts: tuple[str, str], ms: str, recall: str
+) -> list[str]:
+    """One table row; `at` holds the thresholded metrics (the mean keeps them beside the others)."""
+    return [
+        label,
+        method,
+        f"{m['image_auroc']:.4f}",
+        f"{m['pixel_auroc']:.4f}",
+        f"{m['aupro_0.3']:.4f}",
+        _fmt(at.get("image_f1")),
+        _fmt(at.get("accuracy")),
+        *counts,
+        _fmt(at.get("pixel_f1")),
+        _fmt(at.get("pixel_iou")),
+        ms,
+        recall,
     ]
 
 

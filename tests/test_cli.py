@@ -50,30 +50,20 @@ def ingested(good_folder: Path, db: str) -> str:
     return db
 
 
+def query(db: str, *args: str):
+    """`patchcore-milvus query` against the bank `ingested` builds, with its extractor and index settings."""
+    settings = ["--category", "texture", "--uri", db, "--image-size", "64", "--search-param", "nprobe=8"]
+    return CliRunner().invoke(main, ["query", *settings, *args])
+
+
 def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
     (tmp_path / "in" / "a").mkdir(parents=True)
     (tmp_path / "in" / "b").mkdir(parents=True)
     textured_image(101, defect=True).save(tmp_path / "in" / "a" / "000.png")
     textured_image(100).save(tmp_path / "in" / "b" / "000.png")
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        main,
-        [
-            "query",
-            "--category",
-            "texture",
-            "--uri",
-            ingested,
-            "--image-size",
-            "64",
-            "--search-param",
-            "nprobe=8",
-            "--json",
-            "--out",
-            str(out),
-            str(tmp_path / "in" / "a"),
-            str(tmp_path / "in" / "b" / "000.png"),
-        ],
+    result = query(
+        ingested, "--json", "--out", str(out), str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b" / "000.png")
     )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.output.splitlines()]
@@ -93,22 +83,7 @@ def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
 def test_query_text_lines_and_a_bad_file(ingested: str, tmp_path: Path):
     textured_image(100).save(tmp_path / "good.png")
     (tmp_path / "empty.png").write_bytes(b"")
-    result = CliRunner().invoke(
-        main,
-        [
-            "query",
-            "--category",
-            "texture",
-            "--uri",
-            ingested,
-            "--image-size",
-            "64",
-            "--search-param",
-            "nprobe=8",
-            str(tmp_path / "empty.png"),
-            str(tmp_path / "good.png"),
-        ],
-    )
+    result = query(ingested, str(tmp_path / "empty.png"), str(tmp_path / "good.png"))
     assert result.exit_code == 1
     assert "empty.png: not a readable image" in result.output
     assert "good.png  score " in result.output and "threshold" in result.output
