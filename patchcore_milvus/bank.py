@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pymilvus import MilvusException
 
 from patchcore_milvus.config import Config
 from patchcore_milvus.errors import BankMismatchError, ImageError
@@ -39,6 +40,8 @@ class Inspection:
     # Per patch (h, w): distance to and id of the nearest bank vector.
     patch_distances: np.ndarray = field(repr=False)
     patch_ids: np.ndarray = field(repr=False)
+    # The bank version (collection) that scored it.
+    bank_version: str = ""
 
     @property
     def verdict(self) -> str | None:
@@ -62,64 +65,81 @@ class Inspection:
             "pixel_threshold": self.pixel_threshold,
             "defect_pixels": int(self.mask.sum()) if self.mask is not None else None,
             "nearest_patch": self.nearest_patch,
+            "bank_version": self.bank_version,
             "ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
 
-SearchFunction = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+SearchFunction = Callable[[str, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 class Bank:
-    """Scores images against one bank collection. Open it with `Bank.open` (checks the extractor).
+    """Scores images against a category's bank. Open it with `Bank.open` (checks the extractor).
 
-    `search(vectors, top_k) -> (Euclidean distances, ids)` defaults to the collection's Milvus
-    index; `with_exact_search` swaps in exact in-process search over the same vectors.
+    Before each batch the bank follows the category's alias, so a station picks up a new or
+    rolled-back version by itself, and every call for one batch goes to one version: an
+    answer never mixes two banks. `search(version, vectors, top_k) -> (Euclidean distances,
+    ids)` defaults to Milvus; `with_exact_search` pins one version and searches it in-process.
     """
 
     def __init__(
         self,
         store: BankStore,
-        collection: str,
+        category: str | None,
+        version: str,
         description: dict[str, Any],
         features: FeaturePipeline,
         config: Config,
         search: SearchFunction | None = None,
     ):
         self.store = store
-        self.collection = collection
-        self.description = description
+        self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
-        self.search = search or functools.partial(
-            store.search, collection, search_params=config.effective_search_params
-        )
-        stored = description.get("thresholds") or {}
-        self.image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
-        self.pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
+        self.search = search or functools.partial(store.search, search_params=config.effective_search_params)
+        self._use(version, description)
 
     @classmethod
     def open(
         cls, category: str, config: Config, store: BankStore | None = None, features: FeaturePipeline | None = None
     ) -> Bank:
         """The category's current bank; refuses an extractor that differs from the bank's."""
-        store = store or BankStore(config.uri, config.token, config.milvus_timeout)
-        collection = store.resolve(category)
-        store.ensure_loaded(collection)
-        description = store.read_description(collection)
+        store = store or BankStore.from_config(config)
+        version = store.resolve(category)
+        description = store.read_description(version)
         features = features or FeaturePipeline(config)
-        differences = describe_mismatch(description["extractor"], features.description)
-        if differences:
-            raise BankMismatchError(
-                f"the feature extractor does not match bank {category!r}:\n  "
-                + "\n  ".join(differences)
-                + "\nUse the options (or the config file) the bank was ingested with, or re-ingest it."
-            )
-        return cls(store, collection, description, features, config)
+        _check_extractor(category, description, features)
+        return cls(store, category, version, description, features, config)
+
+    @property
+    def collection(self) -> str:
+        """The version scored against now."""
+        return self.version
 
     def with_exact_search(self) -> Bank:
-        """The same bank, searched exactly in-process over its vectors read back from Milvus."""
-        exact = ExactSearch(self.store.read_vectors(self.collection))
-        return Bank(self.store, self.collection, self.description, self.features, self.config, exact)
+        """This version, searched exactly in-process over its vectors read back from Milvus."""
+        exact = ExactSearch(self.store.read_vectors(self.version))
+        return Bank(
+            self.store, None, self.version, self.description, self.features, self.config, lambda _, v, k: exact(v, k)
+        )
+
+    def refresh(self) -> None:
+        """Follow the category's alias to its current version (a no-op when pinned or unchanged)."""
+        if self.category is None:
+            return
+        version = self.store.follow_alias(self.category)
+        if version != self.version:
+            description = self.store.read_description(version)
+            _check_extractor(self.category, description, self.features)
+            self._use(version, description)
+
+    def _use(self, version: str, description: dict[str, Any]) -> None:
+        self.version = version
+        self.description = description
+        stored = description.get("thresholds") or {}
+        config = self.config
+        self.image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
+        self.pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
 
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
         """Score files in batches; a file that is not a usable image yields its error and the rest go on."""
@@ -152,14 +172,19 @@ class Bank:
         n, h, w, dim = patches.shape
         flat = patches.reshape(-1, dim).numpy()
         t1 = time.perf_counter()
-        distances, ids = self.search(flat, 1)
+        for attempt in (1, 2):
+            self.refresh()
+            version = self.version
+            try:
+                distances, ids, nearest_rows, weights = self._search_batch(version, flat.reshape(n, h * w, dim))
+                break
+            except MilvusException as exc:
+                # The version was dropped between the alias lookup and the search (a publish
+                # keeping fewer versions, or a drop): look the alias up again, once.
+                if attempt == 2 or self.category is None or not _is_missing_collection(exc):
+                    raise
         patch_scores = distances[:, 0].reshape(n, h * w)
         worst = patch_scores.argmax(axis=1)
-        nearest_ids = ids[:, 0].reshape(n, h * w)[np.arange(n), worst]
-        nearest_rows = self.store.get_rows(self.collection, nearest_ids)
-        weights = np.ones(n)
-        if self.config.reweight:
-            weights = self._reweighting(flat.reshape(n, h * w, dim)[np.arange(n), worst], nearest_rows)
         t2 = time.perf_counter()
         maps = anomaly_maps(
             torch.from_numpy(patch_scores.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
@@ -178,6 +203,7 @@ class Bank:
                     image=image,
                     patch_distances=distances[i * h * w : (i + 1) * h * w, 0].reshape(h, w),
                     patch_ids=ids[i * h * w : (i + 1) * h * w, 0].reshape(h, w),
+                    bank_version=version,
                 )
             )
         t3 = time.perf_counter()
@@ -186,16 +212,30 @@ class Bank:
             result.timings_ms = {k: v * 1000 / n for k, v in per_image.items()}
         return results
 
-    def _reweighting(self, worst_patches: np.ndarray, nearest_rows: list[dict[str, Any]]) -> np.ndarray:
+    def _search_batch(
+        self, version: str, patches: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], np.ndarray]:
+        """Nearest bank vector of every patch (n images x p patches x dim), the bank row nearest
+        to each image's worst patch, and each image's eq. 7 weight; all from `version`."""
+        n, p, dim = patches.shape
+        distances, ids = self.search(version, patches.reshape(-1, dim), 1)
+        worst = distances[:, 0].reshape(n, p).argmax(axis=1)
+        nearest_rows = self.store.get_rows(version, ids[:, 0].reshape(n, p)[np.arange(n), worst])
+        weights = np.ones(n)
+        if self.config.reweight:
+            weights = self._reweighting(version, patches[np.arange(n), worst], nearest_rows)
+        return distances, ids, nearest_rows, weights
+
+    def _reweighting(self, version: str, worst_patches: np.ndarray, nearest_rows: list[dict[str, Any]]) -> np.ndarray:
         """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank."""
         b = self.config.reweight_neighbors
         centres = np.stack([row["vector"] for row in nearest_rows])
-        _, neighbour_ids = self.search(centres, b + 1)
+        _, neighbour_ids = self.search(version, centres, b + 1)
         candidate_ids = []
         for row, ids in zip(nearest_rows, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != row["id"]][:b]
             candidate_ids.append([row["id"], *others])
-        rows = self.store.get_rows(self.collection, [i for ids in candidate_ids for i in ids])
+        rows = self.store.get_rows(version, [i for ids in candidate_ids for i in ids])
         vectors = {row["id"]: row["vector"] for row in rows}
         return np.array(
             [
@@ -203,3 +243,18 @@ class Bank:
                 for patch, ids in zip(worst_patches, candidate_ids)
             ]
         )
+
+
+def _check_extractor(category: str, description: dict[str, Any], features: FeaturePipeline) -> None:
+    differences = describe_mismatch(description["extractor"], features.description)
+    if differences:
+        raise BankMismatchError(
+            f"the feature extractor does not match bank {category!r}:\n  "
+            + "\n  ".join(differences)
+            + "\nUse the options (or the config file) the bank was ingested with, or re-ingest it."
+        )
+
+
+def _is_missing_collection(exc: MilvusException) -> bool:
+    message = str(exc.message).lower()
+    return exc.code == 100 or "not found" in message or "not exist" in message or "can't find" in message

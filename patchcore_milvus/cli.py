@@ -16,7 +16,16 @@ import yaml
 from pymilvus import MilvusException
 
 from patchcore_milvus import __version__
-from patchcore_milvus.config import BACKBONES, INDEX_TYPES, NORMALIZATIONS, TOKEN_ENV, Config, load_config
+from patchcore_milvus.config import (
+    BACKBONES,
+    INDEX_TYPES,
+    NORMALIZATIONS,
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    USER_ENV,
+    Config,
+    load_config,
+)
 from patchcore_milvus.errors import ImageError, PatchcoreMilvusError
 
 # Flags shared by several commands, each named after its config option (dashes for underscores).
@@ -280,7 +289,7 @@ def evaluate(
     from patchcore_milvus.report import summary, table_lines, write_report
     from patchcore_milvus.store import BankStore
 
-    store = BankStore(config.uri, config.token, config.milvus_timeout)
+    store = BankStore.from_config(config)
     if all_categories:
         banked = {b["category"] for b in store.list_banks()}
         categories = tuple(sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name in banked))
@@ -309,7 +318,7 @@ def collections(config: Config) -> None:
     """List the banks: category, vectors, dim, index, backbone, created."""
     from patchcore_milvus.store import BankStore
 
-    banks = BankStore(config.uri, config.token, config.milvus_timeout).list_banks()
+    banks = BankStore.from_config(config).list_banks()
     if not banks:
         click.echo(f"no banks at {config.uri}")
         return
@@ -328,7 +337,7 @@ def drop(category: str, yes: bool, config: Config) -> None:
     """Delete CATEGORY's bank (all its versions)."""
     from patchcore_milvus.store import BankStore
 
-    store = BankStore(config.uri, config.token, config.milvus_timeout)
+    store = BankStore.from_config(config)
     store.resolve(category)
     if not yes:
         click.confirm(f"delete the bank {category!r} at {config.uri}?", abort=True)
@@ -349,4 +358,11 @@ def config_show(config: Config) -> None:
     values["index_params"] = config.effective_index_params
     values["search_params"] = config.effective_search_params
     click.echo(yaml.safe_dump(values, sort_keys=False).rstrip())
-    click.echo(f"# Milvus token: {'set (hidden)' if config.token else 'not set'}, from ${TOKEN_ENV}")
+    credentials = config.credentials
+    if "token" in credentials:
+        said = f"token from ${TOKEN_ENV} (hidden)"
+    elif credentials:
+        said = f"user {credentials['user']!r} from ${USER_ENV}, password from ${PASSWORD_ENV} (hidden)"
+    else:
+        said = f"none (set ${TOKEN_ENV}, or ${USER_ENV} and ${PASSWORD_ENV})"
+    click.echo(f"# Milvus credentials: {said}")

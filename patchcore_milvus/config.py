@@ -32,6 +32,8 @@ DEFAULT_SEARCH_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 TOKEN_ENV = "MILVUS_TOKEN"
+USER_ENV = "MILVUS_USER"
+PASSWORD_ENV = "MILVUS_PASSWORD"
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,20 @@ class Config:
 
     # Where the banks live: a Milvus Lite file (*.db) or http(s)://host:port of a server.
     uri: str = "./patchcore_milvus.db"
-    # Seconds any single Milvus call may take before it fails.
-    milvus_timeout: float = 600.0
+    # Seconds any single Milvus call may take before it fails; index building and loading get
+    # `index_timeout`. Transient faults (server restarting, unreachable) are retried with backoff
+    # for `retry_seconds` before the error is reported.
+    milvus_timeout: float = 60.0
+    index_timeout: float = 3600.0
+    retry_seconds: float = 30.0
+    # TLS for https:// URIs: a CA (or self-signed server) certificate to trust, a client
+    # certificate and key for mutual TLS, and the name the server certificate was issued to.
+    tls_ca_cert: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    tls_server_name: str | None = None
+    # Bank versions kept per category (the current one included), for `rollback`.
+    keep_versions: int = 3
 
     # Feature extractor. `weights`: null = the backbone's standard source, a file path,
     # or "random" (seeded random weights, for tests only).
@@ -92,9 +106,14 @@ class Config:
         return {**DEFAULT_SEARCH_PARAMS[self.index_type], **self.search_params}
 
     @property
-    def token(self) -> str:
-        """The Milvus token, read from the environment so that it never sits in a file or flag."""
-        return os.environ.get(TOKEN_ENV, "")
+    def credentials(self) -> dict[str, str]:
+        """Milvus credentials, read from the environment so that they never sit in a file or a flag:
+        a token (`user:password` or an API key), or a user and password."""
+        token = os.environ.get(TOKEN_ENV, "")
+        if token:
+            return {"token": token}
+        user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
+        return {"user": user, "password": password} if user else {}
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -188,6 +207,17 @@ def _check_values(c: Config) -> None:
     require(c.batch_size >= 1, f"batch_size must be at least 1, got {c.batch_size}")
     require(c.num_threads is None or c.num_threads >= 1, f"num_threads must be at least 1, got {c.num_threads}")
     require(c.milvus_timeout > 0, f"milvus_timeout must be positive, got {c.milvus_timeout}")
+    require(c.index_timeout > 0, f"index_timeout must be positive, got {c.index_timeout}")
+    require(c.retry_seconds >= 0, f"retry_seconds must not be negative, got {c.retry_seconds}")
+    require(c.keep_versions >= 1, f"keep_versions must be at least 1 (the current bank), got {c.keep_versions}")
+    require(
+        (c.tls_client_cert is None) == (c.tls_client_key is None),
+        "tls_client_cert and tls_client_key go together (mutual TLS needs both)",
+    )
+    require(
+        c.tls_client_cert is None or c.tls_ca_cert is not None,
+        "mutual TLS (tls_client_cert) also needs tls_ca_cert, the CA that signed the server's certificate",
+    )
     is_server = c.uri.startswith(("http://", "https://"))
     require(
         is_server or c.uri.endswith(".db"),

@@ -27,3 +27,7 @@ class BankMismatchError(PatchcoreMilvusError):
 
 class StoreError(PatchcoreMilvusError):
     """Milvus could not be reached or refused an operation."""
+
+
+class StoreUnavailableError(StoreError):
+    """Milvus did not answer within the retry time; a later call may succeed (the server restarts)."""

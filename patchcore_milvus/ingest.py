@@ -112,7 +112,7 @@ def fit_bank(
     validate_category(category)
     if not images:
         raise ImageError(f"no images to ingest for category {category!r}")
-    store = store or BankStore(config.uri, config.token, config.milvus_timeout)
+    store = store or BankStore.from_config(config)
     root = root or Path(os.path.commonpath([Path(p).parent for p in images]))
     names = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in images]
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
@@ -167,14 +167,15 @@ def fit_bank(
         }
         t = time.perf_counter()
         description["thresholds"] = _calibrate_thresholds(
-            Bank(store, collection, description, features, config),
+            Bank(store, None, collection, description, features, config),
             [images[i] for i in held_idx],
             [names[i] for i in held_idx],
             config.threshold_sigma,
         )
         seconds["thresholds"] = time.perf_counter() - t
         store.write_description(collection, description)
-        store.publish(category, collection)
+        store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=config.effective_search_params)
+        store.publish(category, collection, keep=config.keep_versions)
     except BaseException:
         store.drop_version(collection)
         raise

@@ -108,15 +108,20 @@ def test_query_with_another_extractor_is_refused(ingested: str, tmp_path: Path):
     assert "does not match bank 'texture'" in result.output and "image_size: bank has 64" in result.output
 
 
-def test_config_show_merges_file_and_flags_and_hides_the_token(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("MILVUS_TOKEN", "root:Milvus")
+def test_config_show_merges_file_and_flags_and_hides_the_secrets(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MILVUS_TOKEN", "root:S3cret")
     config = tmp_path / "station.yaml"
     config.write_text("uri: http://milvus.plant:19530\ncoreset_ratio: 0.2\nindex_type: IVF_SQ8\n")
     result = CliRunner().invoke(main, ["config", "show", "--config", str(config), "--coreset-ratio", "0.05"])
     assert result.exit_code == 0, result.output
     assert "uri: http://milvus.plant:19530" in result.output
     assert "coreset_ratio: 0.05" in result.output and "nlist: 1024" in result.output
-    assert "Milvus" not in result.output.replace("Milvus token", "") and "set (hidden)" in result.output
+    assert "S3cret" not in result.output and "token from $MILVUS_TOKEN (hidden)" in result.output
+    monkeypatch.delenv("MILVUS_TOKEN")
+    monkeypatch.setenv("MILVUS_USER", "station7")
+    monkeypatch.setenv("MILVUS_PASSWORD", "S3cret")
+    result = CliRunner().invoke(main, ["config", "show"])
+    assert "S3cret" not in result.output and "user 'station7'" in result.output
 
 
 def test_clear_errors_for_bad_input(tmp_path: Path, db: str):

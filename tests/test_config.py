@@ -52,11 +52,32 @@ def test_impossible_values_are_refused(key, value, fragment):
         Config(**{key: value})
 
 
-def test_server_uri_accepted_and_token_comes_from_environment(monkeypatch):
+def test_server_uri_accepted_and_credentials_come_from_environment(monkeypatch):
     monkeypatch.setenv("MILVUS_TOKEN", "root:secret")
     config = Config(uri="http://milvus.plant:19530")
-    assert config.token == "root:secret"
+    assert config.credentials == {"token": "root:secret"}
     assert "secret" not in str(config.to_dict())
+    monkeypatch.delenv("MILVUS_TOKEN")
+    monkeypatch.setenv("MILVUS_USER", "station7")
+    monkeypatch.setenv("MILVUS_PASSWORD", "secret")
+    assert config.credentials == {"user": "station7", "password": "secret"}
+
+
+def test_tls_options_map_to_pymilvus():
+    from patchcore_milvus.store import _tls_options
+
+    assert _tls_options(Config()) == {}
+    one_way = Config(uri="https://milvus.plant:19530", tls_ca_cert="ca.pem", tls_server_name="milvus.plant")
+    assert _tls_options(one_way) == {"server_pem_path": "ca.pem", "server_name": "milvus.plant", "secure": True}
+    mutual = Config(tls_ca_cert="ca.pem", tls_client_cert="client.pem", tls_client_key="client.key")
+    assert _tls_options(mutual) == {
+        "ca_pem_path": "ca.pem",
+        "client_pem_path": "client.pem",
+        "client_key_path": "client.key",
+        "secure": True,
+    }
+    with pytest.raises(ConfigError, match="go together"):
+        Config(tls_ca_cert="ca.pem", tls_client_cert="client.pem")
 
 
 def test_yaml_that_is_not_a_mapping_is_refused(tmp_path: Path):

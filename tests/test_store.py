@@ -22,6 +22,7 @@ def fill(store: BankStore, category: str, vectors: np.ndarray) -> str:
     store.insert(collection, vectors, [f"img{i // 10}.png" for i in range(len(vectors))], positions)
     store.build_index(collection, "HNSW", {"M": 8, "efConstruction": 64})
     store.write_description(collection, {"category": category, "note": "ünïcode ok"})
+    store.verify(collection, len(vectors), probe_id=0, search_params={"ef": 64})
     return collection
 
 
@@ -53,22 +54,63 @@ def test_more_queries_than_one_call_takes(store: BankStore):
     assert float(np.median(distances)) < 1e-3
 
 
-def test_publish_moves_the_alias_and_drops_older_versions(store: BankStore):
+def test_publish_moves_the_alias_keeps_n_versions_and_removes_leftovers(store: BankStore):
     vectors = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
     first = fill(store, "bottle", vectors)
-    store.publish("bottle", first)
+    store.publish("bottle", first, keep=2)
     assert store.resolve("bottle") == first
     leftover = store.create_version("bottle", 8)  # like an ingest killed before it published
     second = fill(store, "bottle", vectors)
     assert store.resolve("bottle") == first  # unpublished versions are never what the name resolves to
-    store.publish("bottle", second)
+    assert store.publish("bottle", second, keep=2) == [leftover]
     assert store.resolve("bottle") == second
-    remaining = store.client.list_collections()
-    assert second in remaining and first not in remaining and leftover not in remaining
-    assert store.read_description(second)["note"] == "ünïcode ok"
+    third = fill(store, "bottle", vectors * 2)
+    assert store.publish("bottle", third, keep=2) == [first]  # the oldest complete one beyond the 2 kept
+    history = store.versions("bottle")
+    assert [(h["version"], h["current"], h["complete"], h["vectors"]) for h in history] == [
+        (second, False, True, 40),
+        (third, True, True, 40),
+    ]
+    assert history[0]["description"]["note"] == "ünïcode ok"
     store.drop("bottle")
     with pytest.raises(BankNotFoundError, match="no bank for category 'bottle'"):
         store.resolve("bottle")
+    assert store.client.list_collections() == []
+
+
+def test_rollback_repoints_the_alias_to_an_older_complete_version(store: BankStore):
+    vectors = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+    first = fill(store, "bottle", vectors)
+    store.publish("bottle", first, keep=3)
+    with pytest.raises(StoreError, match="no complete version older"):
+        store.rollback("bottle")
+    second = fill(store, "bottle", vectors + 1)
+    store.publish("bottle", second, keep=3)
+    assert store.rollback("bottle") == first and store.follow_alias("bottle") == first
+    distances, _ = store.search("bottle", vectors[:3], 1, {"ef": 32})  # through the alias
+    np.testing.assert_allclose(distances, 0.0, atol=1e-3)
+    assert store.rollback("bottle", second.removeprefix("bottle__")) == second
+    with pytest.raises(StoreError, match="has no version 'v2000'"):
+        store.rollback("bottle", "v2000")
+
+
+def test_descriptions_longer_than_one_varchar_and_damaged_ones(store: BankStore):
+    vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
+    collection = fill(store, "long", vectors)
+    store.client.delete(collection, ids=[-1], partition_name="description")
+    store.write_description(collection, {"names": [f"image_{i:06d}.png" for i in range(10000)]})  # ~190 kB
+    assert len(store.read_description(collection)["names"]) == 10000
+    store.client.delete(collection, ids=[-2])  # a chunk goes missing
+    store.client.flush(collection)
+    with pytest.raises(StoreError, match="damaged"):
+        store.read_description(collection)
+
+
+def test_verification_refuses_an_incomplete_version(store: BankStore):
+    vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
+    collection = fill(store, "short", vectors)
+    with pytest.raises(StoreError, match="20 vectors stored, 21 expected"):
+        store.verify(collection, 21, probe_id=0, search_params={"ef": 64})
 
 
 def test_unknown_category_lists_the_known_ones(store: BankStore):
