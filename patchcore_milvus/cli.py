@@ -1,4 +1,4 @@
-"""The `patchcore-milvus` command: ingest, query, collections, drop, config show."""
+"""The `patchcore-milvus` command: ingest, query, evaluate, collections, history, rollback, drop, config show."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ _OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "num_threads": click.option("--num-threads", type=int, help="CPU threads for torch (default: all cores)."),
     "progress": click.option("--progress/--no-progress", default=None, help="Progress bars."),
     "milvus_timeout": click.option("--milvus-timeout", type=float, help="Seconds any Milvus call may take."),
+    "tls_ca_cert": click.option("--tls-ca-cert", help="PEM certificate (CA or server) to trust for https:// URIs."),
+    "tls_server_name": click.option("--tls-server-name", help="Name on the server's TLS certificate."),
+    "keep_versions": click.option("--keep-versions", type=int, help="Bank versions kept per category."),
     "projection_dim": click.option("--projection-dim", type=int, help="Coreset random projection dims."),
     "seed": click.option("--seed", type=int, help="Seed of projection, coreset start and hold-out split."),
     "reweight_neighbors": click.option("--reweight-neighbors", type=int, help="b in the re-weighting."),
@@ -87,10 +90,12 @@ def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
 
 EXTRACTOR = ["backbone", "weights", "image_size", "center_crop", "normalization", "target_dim"]
 
+# Reaching Milvus.
+CONNECTION = ["uri", "milvus_timeout", "tls_ca_cert", "tls_server_name"]
+
 # What scoring against an existing bank takes (query, evaluate).
 SCORING = [
-    "uri",
-    "milvus_timeout",
+    *CONNECTION,
     *EXTRACTOR,
     "seed",
     "search_params",
@@ -158,8 +163,8 @@ def main() -> None:
     help="Any folder of good images, instead of DATA_ROOT/<category>/train/good.",
 )
 @config_options(
-    "uri",
-    "milvus_timeout",
+    *CONNECTION,
+    "keep_versions",
     *EXTRACTOR,
     "coreset_ratio",
     "coreset_size",
@@ -313,7 +318,7 @@ def evaluate(
 
 
 @main.command()
-@config_options("uri", "milvus_timeout")
+@config_options(*CONNECTION)
 def collections(config: Config) -> None:
     """List the banks: category, vectors, dim, index, backbone, created."""
     from patchcore_milvus.store import BankStore
@@ -323,7 +328,57 @@ def collections(config: Config) -> None:
         click.echo(f"no banks at {config.uri}")
         return
     columns = ["category", "vectors", "dim", "index", "backbone", "created", "collection"]
-    rows = [[str(bank[c]) for c in columns] for bank in banks]
+    _echo_table(columns, [[str(bank[c]) for c in columns] for bank in banks])
+
+
+@main.command()
+@click.argument("category")
+@config_options(*CONNECTION)
+def history(category: str, config: Config) -> None:
+    """List CATEGORY's bank versions, oldest first; `*` marks the one stations use."""
+    from patchcore_milvus.store import BankStore
+
+    versions = BankStore.from_config(config).versions(category)
+    if not versions:
+        raise PatchcoreMilvusError(f"no versions of {category!r} at {config.uri}")
+    rows = []
+    for v in versions:
+        d = v["description"]
+        thresholds = d.get("thresholds") or {}
+        rows.append(
+            [
+                ("* " if v["current"] else "  ") + v["version"],
+                d.get("created", "-") if v["complete"] else "incomplete (interrupted ingest)",
+                str(len(d.get("training_images", {}).get("bank", []))) if v["complete"] else "-",
+                str(v["vectors"]),
+                _number(thresholds.get("image")),
+                _number(thresholds.get("pixel")),
+                d.get("extractor", {}).get("backbone", "-"),
+                d.get("origin", "-"),
+            ]
+        )
+    _echo_table(["version", "created", "images", "vectors", "image thr", "pixel thr", "backbone", "origin"], rows)
+
+
+@main.command()
+@click.argument("category")
+@click.argument("version", required=False)
+@config_options(*CONNECTION)
+def rollback(category: str, version: str | None, config: Config) -> None:
+    """Point CATEGORY back at VERSION (default: the version before the current one).
+
+    Stations pick it up before their next batch; `history` lists the versions."""
+    from patchcore_milvus.store import BankStore
+
+    target = BankStore.from_config(config).rollback(category, version)
+    click.echo(f"{category} -> {target}")
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _echo_table(columns: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     for row in [columns, *rows]:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -332,7 +387,7 @@ def collections(config: Config) -> None:
 @main.command()
 @click.argument("category")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@config_options("uri", "milvus_timeout")
+@config_options(*CONNECTION)
 def drop(category: str, yes: bool, config: Config) -> None:
     """Delete CATEGORY's bank (all its versions)."""
     from patchcore_milvus.store import BankStore

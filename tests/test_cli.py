@@ -136,3 +136,30 @@ def test_clear_errors_for_bad_input(tmp_path: Path, db: str):
     assert result.exit_code == 2 and "invalid category name 'metal-nut'" in result.output
     result = runner.invoke(main, ["query", "--category", "cable", "--uri", db, str(config)])
     assert result.exit_code == 2 and "no bank for category 'cable'" in result.output
+
+
+def test_history_and_rollback_switch_what_queries_score_against(ingested: str, good_folder: Path, tmp_path: Path):
+    from patchcore_milvus.config import Config
+    from patchcore_milvus.images import list_images
+    from patchcore_milvus.ingest import fit_bank
+
+    textured_image(101, defect=True).save(tmp_path / "bad.png")
+    before = json.loads(query(ingested, "--json", str(tmp_path / "bad.png")).output)
+    settings = Config(uri=ingested, image_size=64, coreset_size=10, index_type="IVF_FLAT", progress=False)
+    second = fit_bank("texture", list_images(good_folder), settings.replace(index_params={"nlist": 8})).collection
+    after = json.loads(query(ingested, "--json", str(tmp_path / "bad.png")).output)
+    assert after["bank_version"] == second != before["bank_version"] and after["score"] != before["score"]
+
+    listing = CliRunner().invoke(main, ["history", "texture", "--uri", ingested])
+    assert listing.exit_code == 0, listing.output
+    header, old, new = listing.output.splitlines()
+    assert header.split()[:4] == ["version", "created", "images", "vectors"]
+    assert old.split()[0] == before["bank_version"] and old.split()[3] == "96"
+    assert new.split()[:2] == ["*", second] and new.split()[4] == "10"
+
+    rolled = CliRunner().invoke(main, ["rollback", "texture", "--uri", ingested])
+    assert rolled.exit_code == 0 and rolled.output.strip() == f"texture -> {before['bank_version']}"
+    again = json.loads(query(ingested, "--json", str(tmp_path / "bad.png")).output)
+    assert again["bank_version"] == before["bank_version"] and again["score"] == pytest.approx(before["score"])
+    missing = CliRunner().invoke(main, ["rollback", "texture", "v1999", "--uri", ingested])
+    assert missing.exit_code == 2 and "has no version 'v1999'" in missing.output
