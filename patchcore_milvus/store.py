@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
@@ -62,9 +63,25 @@ def category_of(collection: str) -> str | None:
     return match.group("category") if match else None
 
 
+def refusal(exc: BaseException) -> str | None:
+    """The server's reason when it refused the credentials (pymilvus reports that as a failure to
+    connect and keeps the reason in the exception's causes), else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, grpc.RpcError) and cause.code() in (
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            return cause.details()
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def is_transient(exc: Exception) -> bool:
     """Whether retrying a failed call later may succeed."""
-    if not isinstance(exc, MilvusException):
+    if not isinstance(exc, MilvusException) or refusal(exc):
         return False
     message = str(exc.message).lower()
     return (
@@ -109,6 +126,12 @@ class BankStore:
         except StoreError:
             raise
         except Exception as exc:  # pymilvus and milvus-lite raise several types here
+            reason = refusal(exc)
+            if reason:
+                raise StoreError(
+                    f"Milvus at {uri} refused the credentials ({reason}): set MILVUS_TOKEN (user:password or "
+                    f"an API key), or MILVUS_USER and MILVUS_PASSWORD"
+                ) from exc
             hint = (
                 "A Milvus Lite file serves one process at a time: is another ingest or query using it? "
                 "For several processes, run a Milvus server and pass its http://host:port as --uri."

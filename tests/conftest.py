@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from milvus_server import MilvusTestServer, network_isolation_problem
 from PIL import Image
 
 from patchcore_milvus.config import Config
@@ -45,3 +46,16 @@ def small_config(tmp_path: Path) -> Config:
         batch_size=4,
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real Milvus 2.3.5 standalone server with authentication on, for the whole session;
+    stopped (its process killed if need be) at the end, also when tests fail."""
+    problem = network_isolation_problem()
+    if problem:
+        pytest.skip(problem)
+    server = MilvusTestServer(tmp_path_factory.mktemp("milvus-server"), authentication=True)
+    server.start()
+    yield server
+    server.stop()

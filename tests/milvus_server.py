@@ -20,11 +20,12 @@ from pathlib import Path
 GRPC_PORT = 19530
 HEALTH_PORT = 9091
 URI = f"http://127.0.0.1:{GRPC_PORT}"
+ROOT_TOKEN = "root:Milvus"  # Milvus' default credentials, when authentication is on
 
 
 def network_isolation_problem() -> str | None:
     """Why a server may not be started here, or None inside a loopback-only network namespace."""
-    interfaces = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
+    interfaces = sorted(name for _, name in socket.if_nameindex())  # of this process' namespace, unlike /sys
     if interfaces != ["lo"]:
         return (
             "the Milvus 2.3.5 test server binds every network interface, so it runs only in a private "
@@ -52,7 +53,7 @@ def _bind_reusable(port: int) -> socket.socket | None:
 class MilvusTestServer:
     """Starts `milvus run standalone` on a data folder; `kill()` is a crash, `start()` again recovers."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, authentication: bool = False):
         from milvus import MilvusServer  # the test extra; imported late so that a skip needs nothing
 
         self.data_dir = Path(data_dir)
@@ -64,6 +65,8 @@ class MilvusTestServer:
         # the probe fails and the server would move to other ports. Milvus itself binds with
         # SO_REUSEADDR, so the probe may too.
         self.server.config.try_bind_port = _bind_reusable
+        if authentication:  # the built-in user root, password Milvus
+            self.server.config.set("common.security.authorizationEnabled", "true")
         self.uri = URI
 
     def start(self, timeout: float = 120.0) -> None:
