@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -137,6 +138,8 @@ class _Group(click.Group):
     """Prints our errors and Milvus' as one clear message, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # pymilvus logs a traceback for every failed call, retried or not; our errors say what matters.
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
         try:
             return super().invoke(ctx)
         except PatchcoreMilvusError as exc:
