@@ -68,7 +68,7 @@ def main() -> None:
     print(f"{args.category}: {len(paths)} images, {len(features)} patches x {features.shape[1]} dims, {size} picks")
 
     runners = {
-        "pruned": lambda: greedy_coreset(projected, size, args.seed, progress=True),
+        "pruned": lambda: greedy_coreset(projected, size, args.seed, progress=True).picks,
         "plain": lambda: greedy_coreset_plain(projected, size, args.seed),
         "anomalib": lambda: anomalib_style(features, size, args.seed),
     }

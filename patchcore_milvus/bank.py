@@ -108,7 +108,7 @@ class Bank:
         version = store.resolve(category)
         description = store.read_description(version)
         features = features or FeaturePipeline(config)
-        _check_extractor(category, description, features)
+        check_extractor(category, description, features)
         return cls(store, category, version, description, features, config)
 
     @property
@@ -130,7 +130,7 @@ class Bank:
         version = self.store.follow_alias(self.category)
         if version != self.version:
             description = self.store.read_description(version)
-            _check_extractor(self.category, description, self.features)
+            check_extractor(self.category, description, self.features)
             self._use(version, description)
 
     def _use(self, version: str, description: dict[str, Any]) -> None:
@@ -245,7 +245,7 @@ class Bank:
         )
 
 
-def _check_extractor(category: str, description: dict[str, Any], features: FeaturePipeline) -> None:
+def check_extractor(category: str, description: dict[str, Any], features: FeaturePipeline) -> None:
     differences = describe_mismatch(description["extractor"], features.description)
     if differences:
         raise BankMismatchError(

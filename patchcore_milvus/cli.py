@@ -165,6 +165,11 @@ def main() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Any folder of good images, instead of DATA_ROOT/<category>/train/good.",
 )
+@click.option(
+    "--append",
+    is_flag=True,
+    help="Grow the category's bank with these images (a new variant, new lighting) instead of replacing it.",
+)
 @config_options(
     *CONNECTION,
     "keep_versions",
@@ -185,10 +190,10 @@ def main() -> None:
     "num_threads",
     "progress",
 )
-def ingest(data_root: Path | None, category: str, images_dir: Path | None, config: Config) -> None:
+def ingest(data_root: Path | None, category: str, images_dir: Path | None, append: bool, config: Config) -> None:
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
     from patchcore_milvus.images import list_images
-    from patchcore_milvus.ingest import fit_bank
+    from patchcore_milvus.ingest import append_to_bank, fit_bank
     from patchcore_milvus.store import validate_category
 
     validate_category(category)
@@ -207,7 +212,7 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, confi
     images = list_images(images_dir)
     if not images:
         raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
-    summary = fit_bank(category, images, config, root=root)
+    summary = (append_to_bank if append else fit_bank)(category, images, config, root=root)
     click.echo("\n".join(summary.lines()))
 
 
@@ -352,7 +357,7 @@ def history(category: str, config: Config) -> None:
             [
                 ("* " if v["current"] else "  ") + v["version"],
                 d.get("created", "-") if v["complete"] else "incomplete (interrupted ingest)",
-                str(len(d.get("training_images", {}).get("bank", []))) if v["complete"] else "-",
+                str(sum(len(part["bank"]) for part in d.get("training_images", []))) if v["complete"] else "-",
                 str(v["vectors"]),
                 _number(thresholds.get("image")),
                 _number(thresholds.get("pixel")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -32,9 +34,14 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
 _MARGIN = 1e-3
 
 
-def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: bool = False) -> np.ndarray:
-    """Indices of `size` rows of `projected` (see `random_projection`) chosen so that every
-    row lies close to a chosen one.
+class Coreset(NamedTuple):
+    picks: np.ndarray  # row indices, in the order picked
+    radius: float  # the largest distance from any row to its nearest pick (the covering radius)
+
+
+def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: bool = False) -> Coreset:
+    """`size` rows of `projected` (see `random_projection`) chosen so that every row lies close
+    to a chosen one, and how close: the covering radius.
 
     Each pick is the row farthest from all rows picked so far (minimax facility location),
     exactly as `greedy_coreset_plain` picks, but most distance computations are skipped:
@@ -46,7 +53,7 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     """
     n = projected.shape[0]
     size = min(size, n)
-    squared_norms = _squared_norms(projected)
+    squared_norms = row_norms_squared(projected)
     current = _first_pick(n, seed)
     picks = np.empty(size, dtype=np.int64)
     centres = torch.empty(size, projected.shape[1])
@@ -82,10 +89,28 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
             radius.scatter_reduce_(0, owner[rows], nearest[rows].clamp_min(0).sqrt(), reduce="amax")
             current = int(torch.argmax(nearest))
             bar.update()
-    return picks
+    return Coreset(picks, float(nearest[current].clamp_min(0).sqrt()))
 
 
-def _squared_norms(vectors: torch.Tensor) -> torch.Tensor:
+def extend_coreset(projected: torch.Tensor, nearest: torch.Tensor, radius: float, limit: int) -> np.ndarray:
+    """Greedy picks among `projected` rows whose squared distance to an existing coreset is
+    `nearest`, until every row lies within `radius` of a pick or the old coreset (or `limit`
+    picks are made): grows a bank by what new data adds, keeping its coverage."""
+    nearest = nearest.clone()
+    squared_norms = row_norms_squared(projected)
+    picks: list[int] = []
+    while len(picks) < limit:
+        current = int(torch.argmax(nearest))
+        if float(nearest[current]) <= radius**2:
+            break
+        picks.append(current)
+        distances = squared_norms - 2.0 * (projected @ projected[current]) + squared_norms[current]
+        torch.minimum(nearest, distances, out=nearest)
+        nearest[current] = 0.0
+    return np.array(picks, dtype=np.int64)
+
+
+def row_norms_squared(vectors: torch.Tensor) -> torch.Tensor:
     """Row norms squared, without an N x dims temporary (that would double ingest's peak memory)."""
     return torch.linalg.vector_norm(vectors, dim=1).square()
 
@@ -98,7 +123,7 @@ def greedy_coreset_plain(projected: torch.Tensor, size: int, seed: int = 0) -> n
     """The textbook loop: one distance per row per pick. The reference `greedy_coreset` must match."""
     n = projected.shape[0]
     size = min(size, n)
-    squared_norms = _squared_norms(projected)
+    squared_norms = row_norms_squared(projected)
     picks = np.empty(size, dtype=np.int64)
     nearest = torch.full((n,), float("inf"))
     current = _first_pick(n, seed)

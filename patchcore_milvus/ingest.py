@@ -15,10 +15,16 @@ import torch
 from tqdm import tqdm
 
 from patchcore_milvus import __version__
-from patchcore_milvus.bank import Bank
+from patchcore_milvus.bank import Bank, check_extractor
 from patchcore_milvus.config import Config
-from patchcore_milvus.coreset import coreset_size, greedy_coreset, projection_matrix
-from patchcore_milvus.errors import ImageError
+from patchcore_milvus.coreset import (
+    coreset_size,
+    extend_coreset,
+    greedy_coreset,
+    projection_matrix,
+    row_norms_squared,
+)
+from patchcore_milvus.errors import BankMismatchError, ImageError
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
 from patchcore_milvus.store import BankStore, validate_category
@@ -38,16 +44,28 @@ class IngestSummary:
     image_threshold: float | None
     pixel_threshold: float | None
     seconds: dict[str, float]
+    # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now.
+    appended_to: str | None = None
+    far_patches: int = 0
+    bank_size: int = 0
 
     def lines(self) -> list[str]:
         def fmt(value: float | None) -> str:
             return "none (no held-out images)" if value is None else f"{value:.4f}"
 
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        if self.appended_to is None:
+            bank = f"patches: {self.patches}, coreset: {self.coreset_size} x {self.dim} dims, index {self.index}"
+        else:
+            bank = (
+                f"patches: {self.patches} new, {self.far_patches} farther than the bank's covering radius, "
+                f"{self.coreset_size} added to {self.appended_to}: {self.bank_size} x {self.dim} dims, "
+                f"index {self.index}"
+            )
         return [
             f"bank {self.category} -> collection {self.collection}",
             f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds",
-            f"patches: {self.patches}, coreset: {self.coreset_size} x {self.dim} dims, index {self.index}",
+            bank,
             f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}",
             f"time: {stages}",
         ]
@@ -113,11 +131,9 @@ def fit_bank(
     if not images:
         raise ImageError(f"no images to ingest for category {category!r}")
     store = store or BankStore.from_config(config)
-    root = root or Path(os.path.commonpath([Path(p).parent for p in images]))
-    names = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in images]
+    root, names = _names(images, root)
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
     seconds: dict[str, float] = {}
-
     features = FeaturePipeline(config)
     with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:
         t = time.perf_counter()
@@ -135,7 +151,7 @@ def fit_bank(
         t = time.perf_counter()
         n_patches = len(patches.positions)
         size = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
-        picks = greedy_coreset(patches.projected, size, config.seed, config.progress)
+        picks, radius = greedy_coreset(patches.projected, size, config.seed, config.progress)
         seconds["coreset"] = time.perf_counter() - t
 
         vectors = patches.full[picks]  # the coreset, read back from disk
@@ -143,42 +159,27 @@ def fit_bank(
         positions = patches.positions[picks, 1:]
     del patches  # the projected features go; the memory-mapped file went with the folder
 
-    t = time.perf_counter()
-    collection = store.create_version(category, features.dim)
-    try:
-        store.insert(collection, vectors, sources, positions)
-        store.build_index(collection, config.index_type, config.effective_index_params)
-        seconds["milvus"] = time.perf_counter() - t
-
-        description: dict[str, Any] = {
-            "category": category,
-            "package_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "extractor": features.description,
-            "coreset": {
-                "projection_dim": config.projection_dim,
-                "projection_seed": config.seed,
-                "ratio": config.coreset_ratio,
-                "size": int(size),
-                "patches": n_patches,
-            },
-            "index": {"type": config.index_type, "params": config.effective_index_params},
-            "training_images": {"root": str(root), "bank": [names[i] for i in bank_idx]},
-        }
-        t = time.perf_counter()
-        description["thresholds"] = _calibrate_thresholds(
-            Bank(store, None, collection, description, features, config),
-            [images[i] for i in held_idx],
-            [names[i] for i in held_idx],
-            config.threshold_sigma,
-        )
-        seconds["thresholds"] = time.perf_counter() - t
-        store.write_description(collection, description)
-        store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=config.effective_search_params)
-        store.publish(category, collection, keep=config.keep_versions)
-    except BaseException:
-        store.drop_version(collection)
-        raise
+    description: dict[str, Any] = {
+        "category": category,
+        "package_version": __version__,
+        "created": _now(),
+        "origin": "ingest",
+        "extractor": features.description,
+        "coreset": {
+            "projection_dim": config.projection_dim,
+            "projection_seed": config.seed,
+            "ratio": config.coreset_ratio,
+            "size": int(size),
+            "patches": n_patches,
+            "radius": radius,
+        },
+        "index": {"type": config.index_type, "params": config.effective_index_params},
+        "training_images": [{"root": str(root), "bank": [names[i] for i in bank_idx]}],
+    }
+    held_out = [(images[i], names[i]) for i in held_idx]
+    collection, thresholds = _publish(
+        store, category, features, config, vectors, sources, positions, description, held_out, [], seconds
+    )
     return IngestSummary(
         category=category,
         collection=collection,
@@ -188,29 +189,195 @@ def fit_bank(
         coreset_size=int(size),
         dim=features.dim,
         index=config.index_type,
-        image_threshold=description["thresholds"]["image"],
-        pixel_threshold=description["thresholds"]["pixel"],
+        image_threshold=thresholds["image"],
+        pixel_threshold=thresholds["pixel"],
         seconds=seconds,
     )
 
 
-def _calibrate_thresholds(bank: Bank, paths: list[Path], names: list[str], sigma: float) -> dict[str, Any]:
-    """Score the held-out good images against the new bank and derive both thresholds."""
-    if not paths:
-        return {"image": None, "pixel": None, "rule": RULE, "sigma": sigma, "holdout": []}
-    image_scores, map_maxima = [], []
-    for _path, result in bank.score_paths(paths):
-        if isinstance(result, ImageError):
-            raise result
-        image_scores.append(result.image_score)
-        map_maxima.append(float(result.anomaly_map.max()))
-    return {
-        "image": calibrate(np.array(image_scores), sigma),
-        "pixel": calibrate(np.array(map_maxima), sigma),
-        "rule": RULE,
-        "sigma": sigma,
-        "holdout": [
-            {"image": name, "score": round(s, 6), "map_max": round(m, 6)}
-            for name, s, m in zip(names, image_scores, map_maxima)
+def append_to_bank(
+    category: str, images: list[Path], config: Config, store: BankStore | None = None, root: Path | None = None
+) -> IngestSummary:
+    """Grow `category`'s bank with new good `images` without re-reading the old ones.
+
+    The new version holds the old bank plus greedy picks among the new patches that lie farther
+    from the bank than its covering radius, until they too are covered that well (at most
+    `coreset_ratio` of the new patches). Thresholds are re-derived from the old and the new
+    held-out images.
+    """
+    validate_category(category)
+    if not images:
+        raise ImageError(f"no images to append to category {category!r}")
+    store = store or BankStore.from_config(config)
+    old = store.resolve(category)
+    old_description = store.read_description(old)
+    features = FeaturePipeline(config)
+    check_extractor(category, old_description, features)
+    old_coreset = old_description["coreset"]
+    if "radius" not in old_coreset:
+        raise BankMismatchError(f"bank {old} predates --append (no covering radius recorded); re-ingest it once")
+    root, names = _names(images, root)
+    bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
+    seconds: dict[str, float] = {}
+    old_rows = store.read_rows(old)
+    with tempfile.TemporaryDirectory(prefix="patchcore-append-") as work:
+        t = time.perf_counter()
+        # The old bank's projection, so that distances compare with its radius.
+        patches = extract_patches(
+            features,
+            [images[i] for i in bank_idx],
+            config.batch_size,
+            old_coreset["projection_dim"],
+            old_coreset["projection_seed"],
+            Path(work),
+            config.progress,
+        )
+        seconds["features"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        matrix = projection_matrix(features.dim, old_coreset["projection_dim"], old_coreset["projection_seed"])
+        old_vectors = torch.from_numpy(np.stack([row["vector"] for row in old_rows]))
+        old_projected = old_vectors if matrix is None else old_vectors @ matrix
+        nearest = _nearest_squared(patches.projected, old_projected)
+        radius = float(old_coreset["radius"])
+        n_patches = len(patches.positions)
+        far = (nearest > radius**2).nonzero().squeeze(1)
+        limit = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
+        picks = far[torch.as_tensor(extend_coreset(patches.projected[far], nearest[far], radius, limit))].numpy()
+        seconds["coreset"] = time.perf_counter() - t
+
+        vectors = np.concatenate([old_vectors.numpy(), patches.full[picks]])
+        sources = [row["image"] for row in old_rows] + [names[bank_idx[patches.positions[i, 0]]] for i in picks]
+        positions = np.concatenate(
+            [np.array([[row["patch_y"], row["patch_x"]] for row in old_rows]), patches.positions[picks, 1:]]
+        )
+    del patches
+
+    description = {
+        **old_description,
+        "created": _now(),
+        "package_version": __version__,
+        "origin": f"append to {old}",
+        "coreset": {**old_coreset, "size": len(vectors), "patches": old_coreset["patches"] + n_patches},
+        "index": {"type": config.index_type, "params": config.effective_index_params},
+        "training_images": [
+            *old_description["training_images"],
+            {"root": str(root), "bank": [names[i] for i in bank_idx], "far_patches": len(far), "added": len(picks)},
         ],
     }
+    old_holdout = (old_description.get("thresholds") or {}).get("holdout", [])
+    held_out = [(images[i], names[i]) for i in held_idx]
+    collection, thresholds = _publish(
+        store, category, features, config, vectors, sources, positions, description, held_out, old_holdout, seconds
+    )
+    return IngestSummary(
+        category=category,
+        collection=collection,
+        images=len(bank_idx),
+        holdout_images=len(held_idx),
+        patches=n_patches,
+        coreset_size=len(picks),
+        dim=features.dim,
+        index=config.index_type,
+        image_threshold=thresholds["image"],
+        pixel_threshold=thresholds["pixel"],
+        seconds=seconds,
+        appended_to=old,
+        far_patches=len(far),
+        bank_size=len(vectors),
+    )
+
+
+def _publish(
+    store: BankStore,
+    category: str,
+    features: FeaturePipeline,
+    config: Config,
+    vectors: np.ndarray,
+    sources: list[str],
+    positions: np.ndarray,
+    description: dict[str, Any],
+    held_out: list[tuple[Path, str]],
+    earlier_holdout: list[dict[str, Any]],
+    seconds: dict[str, float],
+) -> tuple[str, dict[str, Any]]:
+    """Store the vectors as a new version, calibrate its thresholds, verify it, then point the
+    category at it. On any failure the new version is dropped and the old one serves on."""
+    t = time.perf_counter()
+    collection = store.create_version(category, features.dim)
+    try:
+        store.insert(collection, vectors, sources, positions)
+        store.build_index(collection, config.index_type, config.effective_index_params)
+        seconds["milvus"] = time.perf_counter() - t
+        t = time.perf_counter()
+        description["thresholds"] = _calibrate_thresholds(
+            Bank(store, None, collection, description, features, config),
+            held_out,
+            earlier_holdout,
+            config.threshold_sigma,
+        )
+        seconds["thresholds"] = time.perf_counter() - t
+        store.write_description(collection, description)
+        store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=config.effective_search_params)
+        store.publish(category, collection, keep=config.keep_versions)
+    except BaseException:
+        store.drop_version(collection)
+        raise
+    return collection, description["thresholds"]
+
+
+def _calibrate_thresholds(
+    bank: Bank, held_out: list[tuple[Path, str]], earlier: list[dict[str, Any]], sigma: float
+) -> dict[str, Any]:
+    """Score the held-out good images against the new bank and derive both thresholds.
+
+    `earlier`: held-out images of the bank this one grows (`append`): re-scored where their files
+    are still at their recorded path, else their recorded scores stand (the bank only grew, so
+    those can only be too high: the thresholds err on the side of fewer false alarms)."""
+    rescored = [(Path(e["path"]), e["image"]) for e in earlier if Path(e.get("path", "")).is_file()]
+    kept = [e for e in earlier if not Path(e.get("path", "")).is_file()]
+    entries = []
+    for (path, name), (_, result) in zip(
+        [*held_out, *rescored], bank.score_paths([p for p, _ in [*held_out, *rescored]])
+    ):
+        if isinstance(result, ImageError):
+            raise result
+        entries.append(
+            {
+                "image": name,
+                "path": str(path),
+                "score": round(result.image_score, 6),
+                "map_max": round(float(result.anomaly_map.max()), 6),
+            }
+        )
+    entries += kept
+    if not entries:
+        return {"image": None, "pixel": None, "rule": RULE, "sigma": sigma, "holdout": []}
+    return {
+        "image": calibrate(np.array([e["score"] for e in entries]), sigma),
+        "pixel": calibrate(np.array([e["map_max"] for e in entries]), sigma),
+        "rule": RULE,
+        "sigma": sigma,
+        "holdout": entries,
+    }
+
+
+def _names(images: list[Path], root: Path | None) -> tuple[Path, list[str]]:
+    """Image names as recorded in the bank: relative to `root` (default: the images' common folder)."""
+    root = root or Path(os.path.commonpath([Path(p).parent for p in images]))
+    return root, [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in images]
+
+
+def _nearest_squared(rows: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Squared distance from each row to its nearest bank row (exact, in chunks)."""
+    bank_norms = row_norms_squared(bank)
+    nearest = torch.empty(len(rows))
+    for start in range(0, len(rows), chunk):
+        block = rows[start : start + chunk]
+        squared = row_norms_squared(block)[:, None] - 2.0 * block @ bank.T + bank_norms
+        nearest[start : start + chunk] = squared.min(dim=1).values.clamp_min(0)
+    return nearest
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -42,7 +42,9 @@ def test_description_records_the_model(fitted: Config):
     assert description["extractor"]["backbone"] == "efficientnet_lite0"
     assert len(description["extractor"]["weights_sha256"]) == 64
     assert description["coreset"]["size"] == 96 and description["coreset"]["projection_seed"] == 0
-    assert len(description["training_images"]["bank"]) == 6
+    [training] = description["training_images"]
+    assert len(training["bank"]) == 6 and description["origin"] == "ingest"
+    assert description["coreset"]["radius"] > 0
     held_out = description["thresholds"]["holdout"]
     assert len(held_out) == 2
     assert description["thresholds"]["image"] >= max(h["score"] for h in held_out)
@@ -118,3 +120,43 @@ def test_patches_stream_to_disk_and_only_the_projection_stays_in_memory(good_fol
     np.testing.assert_allclose(patches.full, everything.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(patches.projected, random_projection(everything, 16, 7), rtol=1e-3, atol=1e-4)
     assert patches.positions[64 * 3 + 9].tolist() == [3, 1, 1]  # image 3, row 1, column 1 of its 8x8 grid
+
+
+def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Config, good_folder: Path, tmp_path: Path):
+    from PIL import Image as PILImage
+
+    from patchcore_milvus.ingest import append_to_bank
+
+    variant = tmp_path / "variant"  # the same product, turned by 90 degrees: new patches
+    variant.mkdir()
+    for i in range(20, 28):
+        textured_image(i).transpose(PILImage.Transpose.ROTATE_90).save(variant / f"{i}.png")
+    textured_image(100).transpose(PILImage.Transpose.ROTATE_90).save(tmp_path / "turned.png")
+    textured_image(100).save(tmp_path / "plain.png")
+    queries = [tmp_path / "turned.png", tmp_path / "plain.png"]
+    store = BankStore(fitted.uri)
+    old = store.resolve("texture")
+    before = [r.image_score for _, r in Bank.open("texture", fitted, store=store).score_paths(queries)]
+
+    summary = append_to_bank("texture", list_images(variant), fitted, store=store)
+    assert summary.appended_to == old and summary.images == 6 and summary.holdout_images == 2
+    assert 0 < summary.coreset_size <= summary.far_patches <= summary.patches == 6 * 64
+    assert summary.bank_size == 96 + summary.coreset_size
+    new = store.resolve("texture")
+    np.testing.assert_array_equal(store.read_vectors(new)[:96], store.read_vectors(old))  # nothing old is lost
+    after = [r.image_score for _, r in Bank.open("texture", fitted, store=store).score_paths(queries)]
+    assert after[0] < 0.5 * before[0]  # the new variant is now known
+    assert after[1] == pytest.approx(before[1], rel=0.05)  # the old one scores as before
+    description = store.read_description(new)
+    assert description["origin"] == f"append to {old}" and len(description["training_images"]) == 2
+    assert len(description["thresholds"]["holdout"]) == 4  # old and new held-out images
+
+    again = append_to_bank("texture", list_images(good_folder), fitted, store=store)  # nothing new in these
+    assert again.coreset_size < 0.1 * summary.coreset_size + 2
+
+
+def test_append_refuses_another_extractor(fitted: Config, good_folder: Path):
+    from patchcore_milvus.ingest import append_to_bank
+
+    with pytest.raises(BankMismatchError, match="image_size"):
+        append_to_bank("texture", list_images(good_folder), fitted.replace(image_size=96))

@@ -5,6 +5,7 @@ import torch
 from patchcore_milvus.coreset import (
     coreset_size,
     covering_radius,
+    extend_coreset,
     greedy_coreset,
     greedy_coreset_plain,
     random_projection,
@@ -25,23 +26,23 @@ def clustered(n: int = 3000, dim: int = 64, seed: int = 0) -> torch.Tensor:
 
 def test_same_seed_same_picks_other_seed_other_picks():
     features = clustered()
-    first = greedy_coreset(random_projection(features, 16, 3), 100, seed=3)
-    again = greedy_coreset(random_projection(features, 16, 3), 100, seed=3)
-    other = greedy_coreset(random_projection(features, 16, 4), 100, seed=4)
+    first = greedy_coreset(random_projection(features, 16, 3), 100, seed=3).picks
+    again = greedy_coreset(random_projection(features, 16, 3), 100, seed=3).picks
+    other = greedy_coreset(random_projection(features, 16, 4), 100, seed=4).picks
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 
 
 def test_picks_are_distinct_and_in_range():
     features = clustered()
-    picks = greedy_coreset(random_projection(features, 32, 0), 300)
+    picks = greedy_coreset(random_projection(features, 32, 0), 300).picks
     assert len(picks) == 300 == len(set(picks.tolist()))
     assert picks.min() >= 0 and picks.max() < len(features)
 
 
 def test_covering_radius_beats_a_random_subset_of_the_same_size():
     features = clustered()
-    picks = greedy_coreset(random_projection(features, 32, 0), 150, seed=0)
+    picks = greedy_coreset(random_projection(features, 32, 0), 150, seed=0).picks
     greedy_radius = covering_radius(features, picks)
     random_radii = [
         covering_radius(features, np.random.default_rng(s).choice(len(features), 150, replace=False)) for s in range(5)
@@ -52,7 +53,7 @@ def test_covering_radius_beats_a_random_subset_of_the_same_size():
 def test_each_pick_is_the_farthest_point_from_the_previous_picks():
     """Algorithm 1, checked against a direct computation without projection."""
     features = clustered(n=400, dim=8)
-    picks = greedy_coreset(features, 20)
+    picks = greedy_coreset(features, 20).picks
     for i in range(1, 20):
         distances = torch.cdist(features, features[torch.as_tensor(picks[:i])]).min(dim=1).values
         assert distances[picks[i]] >= distances.max() - 1e-3
@@ -75,11 +76,35 @@ def test_pruning_skips_work_but_not_picks():
     """The triangle-inequality pruning is exact: the same picks as the textbook loop."""
     features = clustered(n=5000, dim=32, seed=1)
     projected = random_projection(features, 16, 2)
-    np.testing.assert_array_equal(greedy_coreset(projected, 400, seed=2), greedy_coreset_plain(projected, 400, seed=2))
+    np.testing.assert_array_equal(
+        greedy_coreset(projected, 400, seed=2).picks, greedy_coreset_plain(projected, 400, seed=2)
+    )
     # Exact duplicates: the 100 distinct rows come first and alike; beyond them every distance is 0
     # up to rounding, so which duplicate comes next is a tie that rounding decides.
     duplicated = torch.cat([features[:100]] * 3)
     projected = random_projection(duplicated, 16, 0)
-    pruned, plain = greedy_coreset(projected, 150), greedy_coreset_plain(projected, 150)
+    pruned, plain = greedy_coreset(projected, 150).picks, greedy_coreset_plain(projected, 150)
     np.testing.assert_array_equal(pruned[:100] % 100, plain[:100] % 100)
     assert covering_radius(duplicated, pruned) == pytest.approx(covering_radius(duplicated, plain))
+
+
+def test_the_coreset_reports_its_covering_radius():
+    projected = random_projection(torch.randn(3000, 24), 8, 0)
+    coreset = greedy_coreset(projected, 200)
+    assert coreset.radius == pytest.approx(covering_radius(projected, coreset.picks), rel=1e-4)
+
+
+def test_extending_a_coreset_covers_new_rows_as_well_as_the_old_ones():
+    old_rows = torch.randn(2000, 8)
+    new_rows = torch.cat([torch.randn(500, 8), torch.randn(300, 8) + 6.0])  # partly like the old, partly new
+    coreset = greedy_coreset(old_rows, 100)
+    centres = old_rows[torch.as_tensor(coreset.picks)]
+    nearest = torch.cdist(new_rows, centres).min(dim=1).values.square()
+    added = extend_coreset(new_rows, nearest, coreset.radius, limit=800)
+    assert 0 < len(added) < 400
+    assert (added >= 0).all() and len(set(added.tolist())) == len(added)
+    everything = torch.cat([centres, new_rows[torch.as_tensor(added)]])
+    assert float(torch.cdist(new_rows, everything).min(dim=1).values.max()) <= coreset.radius + 1e-5
+    # Most additions serve the shifted rows the old coreset did not cover.
+    assert (added >= 500).mean() > 0.8
+    assert len(extend_coreset(new_rows, nearest, coreset.radius, limit=5)) == 5
