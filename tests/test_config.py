@@ -45,6 +45,9 @@ def test_unknown_key_is_named_with_the_valid_ones(tmp_path: Path):
         ("index_type", "FLAT", "index_type must be one of"),
         ("uri", "banks.sqlite", "ending in .db"),
         ("center_crop", 512, "center_crop must lie between"),
+        ("keep_versions", 0, "keep_versions must be at least 1"),
+        ("retry_seconds", -1, "retry_seconds must not be negative"),
+        ("index_timeout", 0, "index_timeout must be positive"),
     ],
 )
 def test_impossible_values_are_refused(key, value, fragment):
@@ -85,3 +88,8 @@ def test_yaml_that_is_not_a_mapping_is_refused(tmp_path: Path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+
+
+def test_the_shipped_station_config_is_valid():
+    config = load_config(Path(__file__).parents[1] / "deploy" / "station.yaml")
+    assert config.uri.startswith("http://") and config.retry_seconds > 0
