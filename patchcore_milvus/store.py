@@ -165,9 +165,15 @@ class BankStore:
                 if not is_transient(exc):
                     raise
                 if time.monotonic() + delay > deadline:
+                    hint = "Is the server up? Later calls retry by themselves."
+                    if what == "connect" and not self.is_lite:
+                        hint = (
+                            "Is the server up and reachable, and do the URI's scheme (https:// for TLS) and the TLS "
+                            "options (tls_ca_cert, tls_server_name) match the server's?"
+                        )
                     raise StoreUnavailableError(
                         f"Milvus at {self.uri} kept failing ({what}) for {self.retry_seconds:.0f} s: {exc.message}. "
-                        f"Is the server up? Later calls retry by themselves."
+                        f"{hint}"
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 4.0)
@@ -501,8 +507,11 @@ def _bank_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tls_options(config: Config) -> dict[str, Any]:
-    """pymilvus' TLS arguments: one-way TLS trusts `tls_ca_cert`; mutual TLS adds the client's pair."""
+    """pymilvus' TLS arguments: one-way TLS trusts `tls_ca_cert`; mutual TLS adds the client's pair.
+    None for a Milvus Lite file, which is reached in-process."""
     options: dict[str, Any] = {}
+    if not config.uri.startswith(("http://", "https://")):
+        return options
     if config.tls_client_cert:
         options.update(
             ca_pem_path=config.tls_ca_cert or "",

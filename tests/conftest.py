@@ -50,12 +50,12 @@ def small_config(tmp_path: Path) -> Config:
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real Milvus 2.3.5 standalone server with authentication on, for the whole session;
-    stopped (its process killed if need be) at the end, also when tests fail."""
+    """A real Milvus 2.3.5 standalone server with authentication and TLS on, for the whole
+    session; stopped (its process killed if need be) at the end, also when tests fail."""
     problem = network_isolation_problem()
     if problem:
         pytest.skip(problem)
-    server = MilvusTestServer(tmp_path_factory.mktemp("milvus-server"), authentication=True)
+    server = MilvusTestServer(tmp_path_factory.mktemp("milvus-server"), authentication=True, tls=True)
     server.start()
     yield server
     server.stop()

@@ -35,7 +35,34 @@ def network_isolation_problem() -> str | None:
         )
     if shutil.which("milvus-server") is None:
         return "PyPI package `milvus==2.3.5` is not installed (pip install -e '.[test]')"
+    if shutil.which("openssl") is None:
+        return "openssl is needed to make the test server's TLS certificates"
     return None
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate it signed, for localhost (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in ("ca.pem", "ca.key", "server.pem", "server.key", "server.csr")}
+
+    def openssl(arguments: str, **files: Path) -> None:
+        command = ["openssl", *arguments.split()]
+        for flag, path in files.items():
+            command += [f"-{flag}", str(path)]
+        subprocess.run(command, check=True, capture_output=True)
+
+    openssl("req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-CA", keyout=paths["ca.key"], out=paths["ca.pem"])
+    openssl("req -newkey rsa:2048 -nodes -subj /CN=localhost", keyout=paths["server.key"], out=paths["server.csr"])
+    (folder / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl(
+        "x509 -req -days 2 -CAcreateserial",
+        extfile=folder / "san.cnf",
+        CA=paths["ca.pem"],
+        CAkey=paths["ca.key"],
+        out=paths["server.pem"],
+        **{"in": paths["server.csr"]},
+    )
+    return paths
 
 
 def _bind_reusable(port: int) -> socket.socket | None:
@@ -53,7 +80,7 @@ def _bind_reusable(port: int) -> socket.socket | None:
 class MilvusTestServer:
     """Starts `milvus run standalone` on a data folder; `kill()` is a crash, `start()` again recovers."""
 
-    def __init__(self, data_dir: Path, authentication: bool = False):
+    def __init__(self, data_dir: Path, authentication: bool = False, tls: bool = False):
         from milvus import MilvusServer  # the test extra; imported late so that a skip needs nothing
 
         self.data_dir = Path(data_dir)
@@ -65,9 +92,19 @@ class MilvusTestServer:
         # the probe fails and the server would move to other ports. Milvus itself binds with
         # SO_REUSEADDR, so the probe may too.
         self.server.config.try_bind_port = _bind_reusable
+        self.uri = URI
         if authentication:  # the built-in user root, password Milvus
             self.server.config.set("common.security.authorizationEnabled", "true")
-        self.uri = URI
+        # The client settings for this server: none, or TLS checked against a test CA.
+        self.client_options: dict[str, str] = {}
+        if tls:
+            certificates = make_certificates(self.data_dir / "tls")
+            self.server.config.set("tls_mode", 1)  # one-way: clients check the server
+            self.server.config.set("server_pem_path", str(certificates["server.pem"]))
+            self.server.config.set("server_key_path", str(certificates["server.key"]))
+            self.server.config.set("ca_pem_path", str(certificates["ca.pem"]))
+            self.uri = f"https://localhost:{GRPC_PORT}"
+            self.client_options = {"tls_ca_cert": str(certificates["ca.pem"]), "tls_server_name": "localhost"}
 
     def start(self, timeout: float = 120.0) -> None:
         self.server.start()

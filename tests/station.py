@@ -1,6 +1,6 @@
 """An inspection station for the server tests: scores the same images over and over until told
 to stop, one JSON line per batch (the bank version and scores, or the error), never exiting on
-a Milvus fault. Run: python station.py URI CATEGORY OUT.jsonl STOP_FILE IMAGE..."""
+a Milvus fault. Run: python station.py CONFIG.yaml CATEGORY OUT.jsonl STOP_FILE IMAGE..."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from patchcore_milvus.bank import Bank
-from patchcore_milvus.config import Config
+from patchcore_milvus.config import load_config
 from patchcore_milvus.errors import PatchcoreMilvusError
 from patchcore_milvus.images import load_rgb
 
 
-def main(uri: str, category: str, out: Path, stop: Path, images: list[Path]) -> None:
+def main(config_file: Path, category: str, out: Path, stop: Path, images: list[Path]) -> None:
     torch.set_num_threads(1)
     # Short timeouts and retries, so that an outage shows up as errors within seconds.
-    config = Config(uri=uri, image_size=64, milvus_timeout=10, retry_seconds=2, progress=False)
+    config = load_config(config_file, milvus_timeout=10, retry_seconds=2, progress=False)
     bank = Bank.open(category, config)
     loaded = [load_rgb(path) for path in images]
     names = [path.name for path in images]
@@ -43,4 +43,4 @@ def main(uri: str, category: str, out: Path, stop: Path, images: list[Path]) -> 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), [Path(p) for p in sys.argv[5:]])
+    main(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), [Path(p) for p in sys.argv[5:]])

@@ -70,9 +70,15 @@ def test_tls_options_map_to_pymilvus():
     from patchcore_milvus.store import _tls_options
 
     assert _tls_options(Config()) == {}
+    assert _tls_options(Config(tls_ca_cert="ca.pem")) == {}  # a Lite file: nothing to encrypt
     one_way = Config(uri="https://milvus.plant:19530", tls_ca_cert="ca.pem", tls_server_name="milvus.plant")
     assert _tls_options(one_way) == {"server_pem_path": "ca.pem", "server_name": "milvus.plant", "secure": True}
-    mutual = Config(tls_ca_cert="ca.pem", tls_client_cert="client.pem", tls_client_key="client.key")
+    mutual = Config(
+        uri="https://milvus.plant:19530",
+        tls_ca_cert="ca.pem",
+        tls_client_cert="client.pem",
+        tls_client_key="client.key",
+    )
     assert _tls_options(mutual) == {
         "ca_pem_path": "ca.pem",
         "client_pem_path": "client.pem",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import textured_image
 from milvus_server import ROOT_TOKEN
 
@@ -32,7 +33,13 @@ STATION = Path(__file__).with_name("station.py")
 def server_config(milvus_server, monkeypatch) -> Config:
     monkeypatch.setenv("MILVUS_TOKEN", ROOT_TOKEN)
     return Config(
-        uri=milvus_server.uri, image_size=64, coreset_ratio=0.25, holdout_ratio=0.25, progress=False, milvus_timeout=60
+        uri=milvus_server.uri,
+        **milvus_server.client_options,
+        image_size=64,
+        coreset_ratio=0.25,
+        holdout_ratio=0.25,
+        progress=False,
+        milvus_timeout=60,
     )
 
 
@@ -90,19 +97,42 @@ def test_a_station_with_another_extractor_is_refused(server_config: Config, good
 def test_wrong_credentials_are_refused_clearly(server_config: Config, monkeypatch):
     monkeypatch.setenv("MILVUS_TOKEN", "root:wrong")
     started = time.monotonic()
-    with pytest.raises(StoreError, match=r"Milvus at http://127.0.0.1:19530 refused the credentials") as error:
+    with pytest.raises(StoreError, match=f"Milvus at {server_config.uri} refused the credentials") as error:
         BankStore.from_config(server_config)
     assert "MILVUS_TOKEN" in str(error.value) and "wrong" not in str(error.value)
     assert time.monotonic() - started < server_config.retry_seconds  # not retried as if the server were down
 
 
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"uri": "http://localhost:19530", "tls_ca_cert": None, "tls_server_name": None}, "kept failing"),  # plaintext
+        ({"tls_ca_cert": None}, "kept failing"),  # the system's CAs do not know the test CA
+        ({"tls_server_name": "milvus.elsewhere"}, "kept failing"),  # not the name on the certificate
+    ],
+)
+def test_tls_is_required_and_the_server_certificate_checked(server_config: Config, change, refusal, tmp_path: Path):
+    # In a fresh process: pymilvus shares one connection per address and token within a process.
+    settings = tmp_path / "client.yaml"
+    settings.write_text(yaml.safe_dump({**server_config.to_dict(), **change, "retry_seconds": 1}))
+    opener = (
+        "from patchcore_milvus.config import load_config; from patchcore_milvus.store import BankStore; "
+        f"BankStore.from_config(load_config({str(settings)!r})).client.list_collections()"
+    )
+    result = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and refusal in result.stderr
+    assert "TLS" in result.stderr  # the message points at the TLS settings
+
+
 def start_stations(count: int, config: Config, category: str, images: list[Path], folder: Path):
     stop = folder / "stop"
+    settings = folder / "station.yaml"
+    settings.write_text(yaml.safe_dump(config.to_dict()))
     logs = [folder / f"station{i}.jsonl" for i in range(count)]
     processes = []
     for log in logs:
         with log.with_suffix(".stderr").open("w") as stderr:  # a file: a full pipe would block the station
-            command = [sys.executable, str(STATION), config.uri, category, str(log), str(stop), *map(str, images)]
+            command = [sys.executable, str(STATION), str(settings), category, str(log), str(stop), *map(str, images)]
             processes.append(subprocess.Popen(command, stderr=stderr))
     return stop, logs, processes
 
@@ -184,6 +214,6 @@ def test_stations_report_a_server_crash_and_recover_without_a_restart(
     for log in logs:
         errors = [r for r in records(log) if not r["ok"]]
         assert all(killed - 1 < r["t"] < restarted for r in errors)
-        assert all("Milvus at http://127.0.0.1:19530" in r["error"] for r in errors), errors[0]["error"]
+        assert all(f"Milvus at {server_config.uri}" in r["error"] for r in errors), errors[0]["error"]
     # After the crash the bank is intact: it still carries its description and scores as before.
     assert Bank.open("crash", server_config).description["category"] == "crash"
