@@ -52,6 +52,9 @@ _OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "milvus_timeout": click.option("--milvus-timeout", type=float, help="Seconds any Milvus call may take."),
     "tls_ca_cert": click.option("--tls-ca-cert", help="PEM certificate (CA or server) to trust for https:// URIs."),
     "tls_server_name": click.option("--tls-server-name", help="Name on the server's TLS certificate."),
+    "strict": click.option(
+        "--strict/--skip-bad", default=None, help="Stop at the first unusable image (default: skip it, say why)."
+    ),
     "keep_versions": click.option("--keep-versions", type=int, help="Bank versions kept per category."),
     "projection_dim": click.option("--projection-dim", type=int, help="Coreset random projection dims."),
     "seed": click.option("--seed", type=int, help="Seed of projection, coreset start and hold-out split."),
@@ -173,6 +176,7 @@ def main() -> None:
 @config_options(
     *CONNECTION,
     "keep_versions",
+    "strict",
     *EXTRACTOR,
     "coreset_ratio",
     "coreset_size",

@@ -88,6 +88,9 @@ class Config:
     image_threshold: float | None = None
     pixel_threshold: float | None = None
 
+    # Ingest: stop at the first unusable image instead of skipping it (and saying why).
+    strict: bool = False
+
     # Runtime.
     batch_size: int = 8
     num_threads: int | None = None

@@ -26,13 +26,26 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# Fewer pixels than this on a side carry less detail than the patch grid of a 256 px input (32).
+MIN_SIDE = 32
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Read any image PIL understands as 8-bit RGB, with EXIF orientation applied."""
+    """Read any image PIL understands as 8-bit RGB, with EXIF orientation applied.
+
+    Anything else is an ImageError with the reason: unreadable, truncated, not an image,
+    too small, or so large that decoding it would exhaust memory (PIL's decompression-bomb
+    limit, checked from the header before any pixel is decoded)."""
     try:
         with Image.open(path) as opened:
+            width, height = opened.size
+            if min(width, height) < MIN_SIDE:
+                raise ImageError(f"{path}: {width}x{height} pixels is too small (at least {MIN_SIDE} on each side)")
             image = ImageOps.exif_transpose(opened)
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: refused, too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from exc
     return _to_rgb(image)
 

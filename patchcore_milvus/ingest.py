@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class IngestSummary:
     image_threshold: float | None
     pixel_threshold: float | None
     seconds: dict[str, float]
+    skipped: list[str] = field(default_factory=list)  # unusable files left out, with the reason
     # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now.
     appended_to: str | None = None
     far_patches: int = 0
@@ -63,8 +64,10 @@ class IngestSummary:
                 f"index {self.index}"
             )
         return [
+            *(f"skipped {reason}" for reason in self.skipped),
             f"bank {self.category} -> collection {self.collection}",
-            f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds",
+            f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds"
+            + (f", {len(self.skipped)} unusable files skipped" if self.skipped else ""),
             bank,
             f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}",
             f"time: {stages}",
@@ -79,6 +82,7 @@ class PatchSet:
     full: np.ndarray  # (N, D) float32, memory-mapped read-only from a file
     projected: torch.Tensor  # (N, p) float32
     positions: np.ndarray  # (N, 3) int32: image index, patch y, patch x
+    skipped: list[str]  # why each unusable file was left out
 
 
 def extract_patches(
@@ -89,9 +93,11 @@ def extract_patches(
     seed: int,
     folder: Path,
     progress: bool,
+    strict: bool = False,
 ) -> PatchSet:
     """Features of every patch of `paths`, appended to `folder/patches.f32` batch by batch.
 
+    A file that is not a usable image is skipped, its reason kept in `skipped` (`strict`: raised).
     Plain file writes, not a writable memory map: written pages stay in the page cache, which
     the kernel can drop, instead of in the process' resident memory.
     """
@@ -99,24 +105,40 @@ def extract_patches(
     target = folder / "patches.f32"
     projected = torch.empty(0)  # allocated once the first batch shows the patch grid
     positions: list[np.ndarray] = []
+    skipped: list[str] = []
+    rows = 0
     with target.open("wb") as handle, tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
-            batch = torch.stack([features.preprocess(load_rgb(p)) for p in paths[start : start + batch_size]])
-            patches = features(batch)
+            loaded, indices = [], []
+            for index in range(start, min(start + batch_size, len(paths))):
+                try:
+                    loaded.append(features.preprocess(load_rgb(paths[index])))
+                    indices.append(index)
+                except ImageError as exc:
+                    if strict:
+                        raise
+                    skipped.append(str(exc))
+            bar.update(min(batch_size, len(paths) - start))
+            if not loaded:
+                continue
+            patches = features(torch.stack(loaded))
             n, h, w, d = patches.shape
             flat = patches.reshape(-1, d)
             handle.write(flat.numpy().tobytes())
-            if start == 0:  # every image gives the same grid: allocate once, no concatenation later
+            if rows == 0:  # every image gives the same grid: allocate once, no concatenation later
                 projected = torch.empty(len(paths) * h * w, d if matrix is None else matrix.shape[1])
-            projected[start * h * w : (start + n) * h * w] = flat if matrix is None else flat @ matrix
+            projected[rows : rows + n * h * w] = flat if matrix is None else flat @ matrix
+            rows += n * h * w
             grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), axis=-1).reshape(-1, 2)
-            image = np.repeat(np.arange(start, start + n), h * w)
+            image = np.repeat(np.array(indices), h * w)
             positions.append(np.column_stack([image, np.tile(grid, (n, 1))]).astype(np.int32))
-            bar.update(n)
+    if rows == 0:
+        raise ImageError(f"none of the {len(paths)} images could be used:\n  " + "\n  ".join(skipped))
     return PatchSet(
-        full=np.memmap(target, dtype=np.float32, mode="r", shape=(len(projected), features.dim)),
-        projected=projected,
+        full=np.memmap(target, dtype=np.float32, mode="r", shape=(rows, features.dim)),
+        projected=projected[:rows],
         positions=np.concatenate(positions),
+        skipped=skipped,
     )
 
 
@@ -145,6 +167,7 @@ def fit_bank(
             config.seed,
             Path(work),
             config.progress,
+            config.strict,
         )
         seconds["features"] = time.perf_counter() - t
 
@@ -157,6 +180,7 @@ def fit_bank(
         vectors = patches.full[picks]  # the coreset, read back from disk
         sources = [names[bank_idx[patches.positions[i, 0]]] for i in picks]
         positions = patches.positions[picks, 1:]
+        used, skipped = np.unique(patches.positions[:, 0]), patches.skipped
     del patches  # the projected features go; the memory-mapped file went with the folder
 
     description: dict[str, Any] = {
@@ -174,7 +198,7 @@ def fit_bank(
             "radius": radius,
         },
         "index": {"type": config.index_type, "params": config.effective_index_params},
-        "training_images": [{"root": str(root), "bank": [names[i] for i in bank_idx]}],
+        "training_images": [{"root": str(root), "bank": [names[bank_idx[i]] for i in used]}],
     }
     held_out = [(images[i], names[i]) for i in held_idx]
     collection, thresholds = _publish(
@@ -183,8 +207,8 @@ def fit_bank(
     return IngestSummary(
         category=category,
         collection=collection,
-        images=len(bank_idx),
-        holdout_images=len(held_idx),
+        images=len(used),
+        holdout_images=len(thresholds["holdout"]),
         patches=n_patches,
         coreset_size=int(size),
         dim=features.dim,
@@ -192,6 +216,7 @@ def fit_bank(
         image_threshold=thresholds["image"],
         pixel_threshold=thresholds["pixel"],
         seconds=seconds,
+        skipped=skipped + thresholds["skipped"],
     )
 
 
@@ -231,6 +256,7 @@ def append_to_bank(
             old_coreset["projection_seed"],
             Path(work),
             config.progress,
+            config.strict,
         )
         seconds["features"] = time.perf_counter() - t
 
@@ -251,6 +277,7 @@ def append_to_bank(
         positions = np.concatenate(
             [np.array([[row["patch_y"], row["patch_x"]] for row in old_rows]), patches.positions[picks, 1:]]
         )
+        used, skipped = np.unique(patches.positions[:, 0]), patches.skipped
     del patches
 
     description = {
@@ -262,7 +289,12 @@ def append_to_bank(
         "index": {"type": config.index_type, "params": config.effective_index_params},
         "training_images": [
             *old_description["training_images"],
-            {"root": str(root), "bank": [names[i] for i in bank_idx], "far_patches": len(far), "added": len(picks)},
+            {
+                "root": str(root),
+                "bank": [names[bank_idx[i]] for i in used],
+                "far_patches": len(far),
+                "added": len(picks),
+            },
         ],
     }
     old_holdout = (old_description.get("thresholds") or {}).get("holdout", [])
@@ -273,8 +305,8 @@ def append_to_bank(
     return IngestSummary(
         category=category,
         collection=collection,
-        images=len(bank_idx),
-        holdout_images=len(held_idx),
+        images=len(used),
+        holdout_images=len(thresholds["holdout"]) - len(old_holdout),
         patches=n_patches,
         coreset_size=len(picks),
         dim=features.dim,
@@ -282,6 +314,7 @@ def append_to_bank(
         image_threshold=thresholds["image"],
         pixel_threshold=thresholds["pixel"],
         seconds=seconds,
+        skipped=skipped + thresholds["skipped"],
         appended_to=old,
         far_patches=len(far),
         bank_size=len(vectors),
@@ -315,6 +348,7 @@ def _publish(
             held_out,
             earlier_holdout,
             config.threshold_sigma,
+            config.strict,
         )
         seconds["thresholds"] = time.perf_counter() - t
         store.write_description(collection, description)
@@ -327,39 +361,30 @@ def _publish(
 
 
 def _calibrate_thresholds(
-    bank: Bank, held_out: list[tuple[Path, str]], earlier: list[dict[str, Any]], sigma: float
+    bank: Bank, held_out: list[tuple[Path, str]], earlier: list[dict[str, Any]], sigma: float, strict: bool
 ) -> dict[str, Any]:
     """Score the held-out good images against the new bank and derive both thresholds.
 
     `earlier`: held-out images of the bank this one grows (`append`): re-scored where their files
     are still at their recorded path, else their recorded scores stand (the bank only grew, so
-    those can only be too high: the thresholds err on the side of fewer false alarms)."""
+    those can only be too high: the thresholds err on the side of fewer false alarms).
+    Unusable files are skipped and listed (`strict`: raised)."""
     rescored = [(Path(e["path"]), e["image"]) for e in earlier if Path(e.get("path", "")).is_file()]
     kept = [e for e in earlier if not Path(e.get("path", "")).is_file()]
-    entries = []
-    for (path, name), (_, result) in zip(
-        [*held_out, *rescored], bank.score_paths([p for p, _ in [*held_out, *rescored]])
-    ):
+    to_score = [*held_out, *rescored]
+    entries, skipped = [], []
+    for (path, name), (_, result) in zip(to_score, bank.score_paths([path for path, _ in to_score])):
         if isinstance(result, ImageError):
-            raise result
-        entries.append(
-            {
-                "image": name,
-                "path": str(path),
-                "score": round(result.image_score, 6),
-                "map_max": round(float(result.anomaly_map.max()), 6),
-            }
-        )
+            if strict:
+                raise result
+            skipped.append(str(result))
+            continue
+        score, map_max = round(result.image_score, 6), round(float(result.anomaly_map.max()), 6)
+        entries.append({"image": name, "path": str(path), "score": score, "map_max": map_max})
     entries += kept
-    if not entries:
-        return {"image": None, "pixel": None, "rule": RULE, "sigma": sigma, "holdout": []}
-    return {
-        "image": calibrate(np.array([e["score"] for e in entries]), sigma),
-        "pixel": calibrate(np.array([e["map_max"] for e in entries]), sigma),
-        "rule": RULE,
-        "sigma": sigma,
-        "holdout": entries,
-    }
+    image = calibrate(np.array([e["score"] for e in entries]), sigma) if entries else None
+    pixel = calibrate(np.array([e["map_max"] for e in entries]), sigma) if entries else None
+    return {"image": image, "pixel": pixel, "rule": RULE, "sigma": sigma, "holdout": entries, "skipped": skipped}
 
 
 def _names(images: list[Path], root: Path | None) -> tuple[Path, list[str]]:

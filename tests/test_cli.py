@@ -163,3 +163,27 @@ def test_history_and_rollback_switch_what_queries_score_against(ingested: str, g
     assert again["bank_version"] == before["bank_version"] and again["score"] == pytest.approx(before["score"])
     missing = CliRunner().invoke(main, ["rollback", "texture", "v1999", "--uri", ingested])
     assert missing.exit_code == 2 and "has no version 'v1999'" in missing.output
+
+
+def test_ingest_skips_unusable_files_says_why_and_strict_stops(good_folder: Path, db: str, tmp_path: Path):
+    (good_folder / "zz_empty.png").write_bytes(b"")
+    (good_folder / "zz_text.jpg").write_text("not an image")
+    Image.new("RGB", (20, 20)).save(good_folder / "zz_tiny.png")
+    settings = ["--category", "texture", "--images", str(good_folder), "--uri", db, "--image-size", "64"]
+    settings += ["--coreset-ratio", "0.25", "--holdout-ratio", "0.25", "--no-progress"]
+    result = CliRunner().invoke(main, ["ingest", *settings])
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.output.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 3 and "zz_empty.png: not a readable image" in result.output
+    assert "zz_tiny.png: 20x20 pixels is too small" in result.output
+    assert "3 unusable files skipped" in result.output
+    strict = CliRunner().invoke(main, ["ingest", *settings, "--strict"])
+    assert strict.exit_code == 2 and "error: " in strict.output and "not a readable image" in strict.output
+
+    bad_only = tmp_path / "bad_only"
+    bad_only.mkdir()
+    (bad_only / "a.png").write_bytes(b"\x89PNG broken")
+    (bad_only / "b.png").write_bytes(b"")
+    settings[settings.index(str(good_folder))] = str(bad_only)
+    nothing = CliRunner().invoke(main, ["ingest", *settings])
+    assert nothing.exit_code == 2 and "none of the" in nothing.output

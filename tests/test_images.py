@@ -3,6 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from patchcore_milvus.errors import ImageError
@@ -18,10 +20,10 @@ def save(tmp_path: Path, image: Image.Image, name: str) -> Path:
 @pytest.mark.parametrize(
     "image",
     [
-        Image.new("L", (50, 30), 128),
+        Image.new("L", (50, 32), 128),
         Image.new("RGBA", (40, 40), (255, 0, 0, 128)),
-        Image.new("P", (33, 21), 3),
-        Image.new("CMYK", (20, 20), (0, 255, 0, 0)),
+        Image.new("P", (33, 41), 3),
+        Image.new("CMYK", (40, 40), (0, 255, 0, 0)),
         Image.fromarray(np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)),
     ],
     ids=["grey", "rgba", "palette", "cmyk", "16bit"],
@@ -40,12 +42,12 @@ def test_sixteen_bit_keeps_its_value_range(tmp_path: Path):
 
 
 def test_exif_rotation_is_applied(tmp_path: Path):
-    image = Image.new("RGB", (60, 20), "white")
+    image = Image.new("RGB", (90, 40), "white")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees when displayed
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif)
-    assert load_rgb(path).size == (20, 60)
+    assert load_rgb(path).size == (40, 90)
 
 
 def test_unreadable_file_raises_a_clear_error(tmp_path: Path):
@@ -72,3 +74,59 @@ def test_list_images_is_sorted_and_filters_by_suffix(tmp_path: Path):
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
     with pytest.raises(ImageError, match="is not a folder"):
         list_images(tmp_path / "missing")
+
+
+def test_truncated_empty_tiny_and_huge_files_are_refused_with_the_reason(tmp_path: Path, monkeypatch):
+    whole = save(tmp_path, Image.effect_noise((200, 200), 60).convert("RGB"), "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    save(tmp_path, Image.new("RGB", (31, 200)), "tiny.png")
+    with pytest.raises(ImageError, match=r"truncated\.png: not a readable image"):
+        load_rgb(tmp_path / "truncated.png")
+    with pytest.raises(ImageError, match=r"empty\.jpg: not a readable image"):
+        load_rgb(tmp_path / "empty.jpg")
+    with pytest.raises(ImageError, match=r"31x200 pixels is too small \(at least 32"):
+        load_rgb(tmp_path / "tiny.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 is then a decompression bomb
+    with pytest.raises(ImageError, match="too large to decode safely"):
+        load_rgb(tmp_path / "whole.png")
+
+
+_SEEDS = {}
+
+
+def _valid_files() -> dict[str, bytes]:
+    """A small valid image in each format, to mutate."""
+    if not _SEEDS:
+        import io
+
+        picture = Image.effect_noise((48, 40), 50).convert("RGB")
+        for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"):
+            buffer = io.BytesIO()
+            picture.save(buffer, format=fmt)
+            _SEEDS[fmt] = buffer.getvalue()
+    return _SEEDS
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fmt=st.sampled_from(["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "random"]),
+    cut=st.integers(min_value=0, max_value=4000),
+    flips=st.lists(st.tuples(st.integers(min_value=0, max_value=4000), st.integers(0, 255)), max_size=8),
+    noise=st.binary(max_size=512),
+)
+def test_fuzzed_bytes_give_an_image_or_the_clear_error_never_a_crash(tmp_path: Path, fmt, cut, flips, noise):
+    data = bytearray(noise if fmt == "random" else _valid_files()[fmt])
+    for position, value in flips:
+        if data:
+            data[position % len(data)] = value
+    if fmt != "random" and cut:
+        data = data[: max(0, len(data) - cut % (len(data) + 1))]
+    path = tmp_path / "fuzzed.img"
+    path.write_bytes(bytes(data))
+    try:
+        image = load_rgb(path)
+    except ImageError as error:
+        assert str(error).startswith(f"{path}: ")
+    else:
+        assert image.mode == "RGB" and min(image.size) >= 32
