@@ -386,6 +386,28 @@ def rollback(category: str, version: str | None, config: Config) -> None:
     click.echo(f"{category} -> {target}")
 
 
+@main.command()
+@click.option("--category", help="Only this category's leftovers (default: every category's).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@config_options(*CONNECTION)
+def gc(category: str | None, yes: bool, config: Config) -> None:
+    """Drop leftovers of interrupted ingests: versions that never got their description.
+
+    An ingest still running also has such a version: do not run this while one is."""
+    from patchcore_milvus.store import BankStore
+
+    store = BankStore.from_config(config)
+    found = store.leftovers(category)
+    if not found:
+        click.echo("no leftovers")
+        return
+    if not yes:
+        click.confirm(f"drop {', '.join(found)} (no ingest must be running)?", abort=True)
+    for name in found:
+        store.drop_version(name)
+    click.echo(f"dropped {', '.join(found)}")
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 

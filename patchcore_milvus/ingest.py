@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -339,7 +340,9 @@ def _publish(
     t = time.perf_counter()
     collection = store.create_version(category, features.dim)
     try:
+        _say(config, f"milvus: inserting {len(vectors)} vectors into {collection}")
         store.insert(collection, vectors, sources, positions)
+        _say(config, f"milvus: building the {config.index_type} index")
         store.build_index(collection, config.index_type, config.effective_index_params)
         seconds["milvus"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -351,6 +354,7 @@ def _publish(
             config.strict,
         )
         seconds["thresholds"] = time.perf_counter() - t
+        _say(config, f"milvus: verifying {collection}, then publishing it as {category}")
         store.write_description(collection, description)
         store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=config.effective_search_params)
         store.publish(category, collection, keep=config.keep_versions)
@@ -402,6 +406,12 @@ def _nearest_squared(rows: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) 
         squared = row_norms_squared(block)[:, None] - 2.0 * block @ bank.T + bank_norms
         nearest[start : start + chunk] = squared.min(dim=1).values.clamp_min(0)
     return nearest
+
+
+def _say(config: Config, message: str) -> None:
+    """A stage of ingest, on stderr beside the progress bars (which the stages without a bar lack)."""
+    if config.progress:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _now() -> str:

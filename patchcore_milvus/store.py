@@ -478,6 +478,18 @@ class BankStore:
             )
         return banks
 
+    def leftovers(self, category: str | None = None) -> list[str]:
+        """Versions without a description (interrupted ingests, or one still being built), never
+        a current one; of one category or all."""
+        found = []
+        for name in sorted(self._call("list_collections")):
+            owner = category_of(name)
+            if owner is None or (category is not None and owner != category):
+                continue
+            if self.current_version(owner) != name and self.read_description_or_none(name) is None:
+                found.append(name)
+        return found
+
     def drop(self, category: str) -> list[str]:
         """Remove a category: its alias and every version."""
         self.resolve(category)
