@@ -111,11 +111,6 @@ class Bank:
         check_extractor(category, description, features)
         return cls(store, category, version, description, features, config)
 
-    @property
-    def collection(self) -> str:
-        """The version scored against now."""
-        return self.version
-
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
         exact = ExactSearch(self.store.read_vectors(self.version))

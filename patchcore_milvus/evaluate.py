@@ -186,7 +186,7 @@ def evaluate_category(
         "defect_types": sorted({i.defect for i in images} - {GOOD}),
         "pixel_size": pixel_size,
         "bank": {
-            "collection": bank.collection,
+            "collection": bank.version,
             "vectors": bank.description["coreset"]["size"],
             "dim": bank.description["extractor"]["dim"],
             "bytes": bank.description["coreset"]["size"] * bank.description["extractor"]["dim"] * 4,

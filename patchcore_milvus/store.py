@@ -336,8 +336,12 @@ class BankStore:
         """None for a version that never got its description (its ingest was interrupted)."""
         try:
             self.ensure_loaded(collection)
-        except MilvusException:
-            return None  # no index yet: interrupted before indexing
+        except MilvusException as exc:
+            # No index yet: interrupted before indexing. Any other failure is not a verdict on the
+            # version (publish would drop it as incomplete), so it is raised.
+            if exc.code == 700 or "index" in str(exc.message).lower():
+                return None
+            raise
         rows = self._call(
             "query",
             collection,
