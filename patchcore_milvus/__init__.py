@@ -1,6 +1,6 @@
 """PatchCore anomaly detection with its memory banks in Milvus."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from patchcore_milvus.bank import Bank, Inspection
 from patchcore_milvus.config import Config, load_config

@@ -328,7 +328,7 @@ class BankStore:
         if description is None:
             raise StoreError(
                 f"collection {collection} has no patchcore-milvus description (an interrupted ingest, or made by "
-                f"something else); re-ingest the category"
+                f"something else or by an older patchcore-milvus); re-ingest the category"
             )
         return description
 
@@ -342,6 +342,8 @@ class BankStore:
             if exc.code == 700 or "index" in str(exc.message).lower():
                 return None
             raise
+        if not self._call("has_partition", collection, DESCRIPTION_PARTITION):
+            return None  # not made by this patchcore-milvus (another tool, or a version before 0.2)
         rows = self._call(
             "query",
             collection,

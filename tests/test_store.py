@@ -167,3 +167,30 @@ def test_exact_search_over_vectors_read_back_agrees_with_milvus(store: BankStore
     np.testing.assert_allclose(exact_distances, np.sort(reference, axis=1)[:, :3], rtol=1e-4)
     milvus_distances, _ = store.search(collection, queries, 1, {"ef": 128})
     np.testing.assert_allclose(milvus_distances[:, 0], exact_distances[:, 0], rtol=1e-4)
+
+
+def test_an_unreachable_server_is_named_within_a_bounded_time():
+    import socket
+    import time
+
+    from patchcore_milvus.errors import StoreUnavailableError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=f"Milvus at http://127.0.0.1:{port} kept failing") as error:
+        BankStore(f"http://127.0.0.1:{port}", timeout=2, retry_seconds=3)
+    assert time.monotonic() - started < 30
+    assert "tls_ca_cert" in str(error.value)  # the message says what to check
+
+
+def test_a_collection_without_our_description_is_refused_with_the_reason(store: BankStore):
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=4)
+    store.client.create_collection("foreign__v20200101T000000000000", schema=schema)  # looks like a version
+    with pytest.raises(StoreError, match="has no patchcore-milvus description"):
+        store.read_description("foreign__v20200101T000000000000")
