@@ -77,3 +77,18 @@ def test_wide_resnet50_2_offline_error_names_both_ways(monkeypatch):
     with pytest.raises(WeightsUnavailableError, match="--weights PATH") as info:
         build_backbone("wide_resnet50_2")
     assert "~/.cache/torch/hub/checkpoints" in str(info.value)
+
+
+class _Payload:
+    """What a malicious pickle would run on load; weights_only loading must never call it."""
+
+    def __reduce__(self):
+        return (print, ("pickle executed",))
+
+
+def test_a_weights_file_that_is_a_pickle_of_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Payload()}, path)
+    with pytest.raises(WeightsUnavailableError, match="cannot load weights from"):
+        build_backbone("wide_resnet50_2", weights=str(path))
+    assert "pickle executed" not in capsys.readouterr().out
