@@ -159,18 +159,7 @@ def fit_bank(
     seconds: dict[str, float] = {}
     features = FeaturePipeline(config)
     with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:
-        t = time.perf_counter()
-        patches = extract_patches(
-            features,
-            [images[i] for i in bank_idx],
-            config.batch_size,
-            config.projection_dim,
-            config.seed,
-            Path(work),
-            config.progress,
-            config.strict,
-        )
-        seconds["features"] = time.perf_counter() - t
+        patches = _bank_patches(features, [images[i] for i in bank_idx], config, Path(work), seconds)
 
         t = time.perf_counter()
         n_patches = len(patches.positions)
@@ -205,19 +194,18 @@ def fit_bank(
     collection, thresholds = _publish(
         store, category, features, config, vectors, sources, positions, description, held_out, [], seconds
     )
-    return IngestSummary(
-        category=category,
-        collection=collection,
+    return _summary(
+        category,
+        collection,
+        features,
+        config,
+        thresholds,
+        seconds,
+        skipped,
         images=len(used),
         holdout_images=len(thresholds["holdout"]),
         patches=n_patches,
         coreset_size=int(size),
-        dim=features.dim,
-        index=config.index_type,
-        image_threshold=thresholds["image"],
-        pixel_threshold=thresholds["pixel"],
-        seconds=seconds,
-        skipped=skipped + thresholds["skipped"],
     )
 
 
@@ -247,19 +235,9 @@ def append_to_bank(
     seconds: dict[str, float] = {}
     old_rows = store.read_rows(old)
     with tempfile.TemporaryDirectory(prefix="patchcore-append-") as work:
-        t = time.perf_counter()
         # The old bank's projection, so that distances compare with its radius.
-        patches = extract_patches(
-            features,
-            [images[i] for i in bank_idx],
-            config.batch_size,
-            old_coreset["projection_dim"],
-            old_coreset["projection_seed"],
-            Path(work),
-            config.progress,
-            config.strict,
-        )
-        seconds["features"] = time.perf_counter() - t
+        projection = config.replace(projection_dim=old_coreset["projection_dim"], seed=old_coreset["projection_seed"])
+        patches = _bank_patches(features, [images[i] for i in bank_idx], projection, Path(work), seconds)
 
         t = time.perf_counter()
         matrix = projection_matrix(features.dim, old_coreset["projection_dim"], old_coreset["projection_seed"])
@@ -303,22 +281,64 @@ def append_to_bank(
     collection, thresholds = _publish(
         store, category, features, config, vectors, sources, positions, description, held_out, old_holdout, seconds
     )
-    return IngestSummary(
-        category=category,
-        collection=collection,
+    return _summary(
+        category,
+        collection,
+        features,
+        config,
+        thresholds,
+        seconds,
+        skipped,
         images=len(used),
         holdout_images=len(thresholds["holdout"]) - len(old_holdout),
         patches=n_patches,
         coreset_size=len(picks),
+        appended_to=old,
+        far_patches=len(far),
+        bank_size=len(vectors),
+    )
+
+
+def _bank_patches(
+    features: FeaturePipeline, paths: list[Path], config: Config, work: Path, seconds: dict[str, float]
+) -> PatchSet:
+    """`extract_patches` with the config's batch size, projection, progress and strictness, timed."""
+    t = time.perf_counter()
+    patches = extract_patches(
+        features,
+        paths,
+        config.batch_size,
+        config.projection_dim,
+        config.seed,
+        work,
+        config.progress,
+        config.strict,
+    )
+    seconds["features"] = time.perf_counter() - t
+    return patches
+
+
+def _summary(
+    category: str,
+    collection: str,
+    features: FeaturePipeline,
+    config: Config,
+    thresholds: dict[str, Any],
+    seconds: dict[str, float],
+    skipped: list[str],
+    **counts: Any,
+) -> IngestSummary:
+    """What fit_bank and append_to_bank report alike; `counts` holds what differs."""
+    return IngestSummary(
+        category=category,
+        collection=collection,
         dim=features.dim,
         index=config.index_type,
         image_threshold=thresholds["image"],
         pixel_threshold=thresholds["pixel"],
         seconds=seconds,
         skipped=skipped + thresholds["skipped"],
-        appended_to=old,
-        far_patches=len(far),
-        bank_size=len(vectors),
+        **counts,
     )
 
 

@@ -488,11 +488,14 @@ class BankStore:
         """Versions without a description (interrupted ingests, or one still being built), never
         a current one; of one category or all."""
         found = []
+        current: dict[str, str | None] = {}
         for name in sorted(self._call("list_collections")):
             owner = category_of(name)
             if owner is None or (category is not None and owner != category):
                 continue
-            if self.current_version(owner) != name and self.read_description_or_none(name) is None:
+            if owner not in current:
+                current[owner] = self.current_version(owner)
+            if current[owner] != name and self.read_description_or_none(name) is None:
                 found.append(name)
         return found
 
