@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,41 +138,56 @@ class Bank:
         self.pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
 
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
-        """Score files in batches; a file that is not a usable image yields its error and the rest go on."""
-        batch: list[tuple[Path, Image.Image, float]] = []
-        for path in paths:
-            start = time.perf_counter()
-            try:
-                image = load_rgb(path)
-            except ImageError as exc:
-                yield path, exc
-                continue
-            batch.append((path, image, (time.perf_counter() - start) * 1000))
-            if len(batch) == self.config.batch_size:
-                yield from self._score_loaded(batch)
-                batch = []
-        if batch:
-            yield from self._score_loaded(batch)
+        """Score files in batches; a file that is not a usable image yields its error and the rest go on.
 
-    def _score_loaded(self, batch: list[tuple[Path, Image.Image, float]]) -> Iterator[tuple[Path, Inspection]]:
-        inspections = self.score_images([image for _, image, _ in batch], [str(path) for path, _, _ in batch])
-        for (path, _, load_ms), inspection in zip(batch, inspections):
-            inspection.timings_ms = {"load": load_ms, **inspection.timings_ms}
-            yield path, inspection
+        A worker thread decodes the next batch and extracts its features while this one is being
+        searched: Milvus' time overlaps with the CPU's.
+        """
+        batches = _batched(paths, self.config.batch_size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-extract") as worker:
+            pending = _next_batch(worker, batches, self._load_and_extract)
+            while pending is not None:
+                extracted = pending.result()
+                pending = _next_batch(worker, batches, self._load_and_extract)
+                yield from extracted.errors
+                if extracted.names:
+                    yield from ((Path(result.path), result) for result in self._score_extracted(extracted))
 
     def score_images(self, images: list[Image.Image], names: list[str]) -> list[Inspection]:
         """Score RGB images: all their patches go to Milvus in one search with top_k = 1."""
-        t0 = time.perf_counter()
-        batch = torch.stack([self.features.preprocess(image) for image in images])
-        patches = self.features(batch)
-        n, h, w, dim = patches.shape
-        flat = patches.reshape(-1, dim).numpy()
+        return self._score_extracted(self._extract(images, names, [0.0] * len(images)))
+
+    def _load_and_extract(self, paths: list[Path]) -> _Extracted:
+        images, loaded, load_ms, errors = [], [], [], []
+        for path in paths:
+            start = time.perf_counter()
+            try:
+                images.append(load_rgb(path))
+            except ImageError as exc:
+                errors.append((path, exc))
+                continue
+            loaded.append(str(path))
+            load_ms.append((time.perf_counter() - start) * 1000)
+        extracted = self._extract(images, loaded, load_ms)
+        extracted.errors = errors
+        return extracted
+
+    def _extract(self, images: list[Image.Image], names: list[str], load_ms: list[float]) -> _Extracted:
+        start = time.perf_counter()
+        patches = None
+        if images:
+            patches = self.features(torch.stack([self.features.preprocess(image) for image in images])).numpy()
+        return _Extracted(names, images, patches, load_ms, (time.perf_counter() - start) * 1000)
+
+    def _score_extracted(self, extracted: _Extracted) -> list[Inspection]:
         t1 = time.perf_counter()
+        images, patches = extracted.images, extracted.patches
+        n, h, w, dim = patches.shape
         for attempt in (1, 2):
             self.refresh()
             version = self.version
             try:
-                distances, ids, nearest_rows, weights = self._search_batch(version, flat.reshape(n, h * w, dim))
+                distances, ids, nearest_rows, weights = self._search_batch(version, patches.reshape(n, h * w, dim))
                 break
             except MilvusException as exc:
                 # The version was dropped between the alias lookup and the search (a publish
@@ -188,7 +204,7 @@ class Bank:
         for i, image in enumerate(images):
             results.append(
                 Inspection(
-                    path=names[i],
+                    path=extracted.names[i],
                     image_score=float(patch_scores[i, worst[i]] * weights[i]),
                     image_threshold=self.image_threshold,
                     pixel_threshold=self.pixel_threshold,
@@ -202,9 +218,13 @@ class Bank:
                 )
             )
         t3 = time.perf_counter()
-        per_image = {"extract": t1 - t0, "search": t2 - t1, "post": t3 - t2}
-        for result in results:
-            result.timings_ms = {k: v * 1000 / n for k, v in per_image.items()}
+        for result, load_ms in zip(results, extracted.load_ms):
+            result.timings_ms = {
+                "load": load_ms,
+                "extract": extracted.extract_ms / n,
+                "search": (t2 - t1) * 1000 / n,
+                "post": (t3 - t2) * 1000 / n,
+            }
         return results
 
     def _search_batch(
@@ -238,6 +258,36 @@ class Bank:
                 for patch, ids in zip(worst_patches, candidate_ids)
             ]
         )
+
+
+@dataclass
+class _Extracted:
+    """One batch, decoded and through the feature extractor."""
+
+    names: list[str]
+    images: list[Image.Image]
+    patches: np.ndarray | None  # (n, h, w, dim); None for a batch with no usable image
+    load_ms: list[float]
+    extract_ms: float  # the whole batch
+    errors: list[tuple[Path, ImageError]] = field(default_factory=list)
+
+
+def _batched(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
+    batch: list[Path] = []
+    for path in paths:
+        batch.append(Path(path))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _next_batch(
+    worker: ThreadPoolExecutor, batches: Iterator[list[Path]], job: Callable[[list[Path]], _Extracted]
+) -> Future[_Extracted] | None:
+    batch = next(batches, None)
+    return None if batch is None else worker.submit(job, batch)
 
 
 def check_extractor(category: str, description: dict[str, Any], features: FeaturePipeline) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -30,10 +31,6 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     return features.float() if matrix is None else features.float() @ matrix
 
 
-# Relative and absolute slack in the pruning test, so that float rounding never prunes a row that might move.
-_MARGIN = 1e-3
-
-
 class Coreset(NamedTuple):
     picks: np.ndarray  # row indices, in the order picked
     radius: float  # the largest distance from any row to its nearest pick (the covering radius)
@@ -44,52 +41,205 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     to a chosen one, and how close: the covering radius.
 
     Each pick is the row farthest from all rows picked so far (minimax facility location),
-    exactly as `greedy_coreset_plain` picks, but most distance computations are skipped:
-    every row belongs to its nearest pick (its centre), and each centre knows the largest
-    distance r of its rows. A new pick c can only come closer to a row x of centre a than a
-    is if d(a, c) < 2 r (triangle inequality: d(x, c) >= d(a, c) - d(x, a)), so rows of all
-    other centres are left alone. As the coreset grows, clusters shrink and a pick touches a
-    small share of the rows. Memory stays O(N * projected dims).
+    exactly as `greedy_coreset_plain` picks, but most distance computations are skipped. Every
+    row belongs to its nearest pick (its centre); each centre keeps its rows and their largest
+    distance r. A new pick c can only come closer to a row x of centre a than a is if
+    d(a, c) < 2 r, and only to rows with d(x, a) > d(a, c) / 2 (triangle inequality), so the
+    rows of all other centres are left alone. What remains is first tested on the top
+    principal components of the rows (a projection never lengthens a distance), and only rows
+    that may move get their exact distance, in float64. Compiled with numba; memory stays
+    O(N * projected dims).
     """
-    n = projected.shape[0]
-    size = min(size, n)
-    squared_norms = row_norms_squared(projected)
-    current = _first_pick(n, seed)
-    picks = np.empty(size, dtype=np.int64)
-    centres = torch.empty(size, projected.shape[1])
-    centre_norms = torch.empty(size)
-    radius = torch.zeros(size)  # largest distance from each centre to its rows
-    owner = torch.zeros(n, dtype=torch.long)  # which centre each row belongs to
-    with tqdm(total=size, desc="coreset", unit="pick", disable=not progress, miniters=max(1, size // 100)) as bar:
-        # The first pick owns every row (computed in place: no gathered copy of the whole matrix).
-        picks[0] = current
-        centres[0], centre_norms[0] = projected[current], squared_norms[current]
-        nearest = squared_norms - 2.0 * (projected @ centres[0]) + centre_norms[0]  # squared, to the owner
-        nearest[current] = 0.0  # exact zero despite rounding, so a pick is never picked again
-        radius[0] = nearest.max().clamp_min(0).sqrt()
-        current = int(torch.argmax(nearest))
-        bar.update()
-        for i in range(1, size):
-            picks[i] = current
-            centre = projected[current]
-            centres[i], centre_norms[i] = centre, squared_norms[current]
-            to_centres = (centre_norms[:i] - 2.0 * (centres[:i] @ centre) + centre_norms[i]).clamp_min(0).sqrt()
-            affected = to_centres < 2.0 * radius[:i] * (1 + _MARGIN) + _MARGIN
-            rows = affected[owner].nonzero().squeeze(1)
-            if len(rows) > n // 4:  # most rows: one product over the matrix beats gathering a copy of it
-                distances = (squared_norms - 2.0 * (projected @ centre) + centre_norms[i])[rows]
-            else:
-                distances = squared_norms[rows] - 2.0 * (projected[rows] @ centre) + centre_norms[i]
-            closer = distances < nearest[rows]
-            moved = rows[closer]
-            nearest[moved] = distances[closer]
-            owner[moved] = i
-            nearest[current] = 0.0
-            radius[:i][affected] = 0.0
-            radius.scatter_reduce_(0, owner[rows], nearest[rows].clamp_min(0).sqrt(), reduce="amax")
-            current = int(torch.argmax(nearest))
-            bar.update()
-    return Coreset(picks, float(nearest[current].clamp_min(0).sqrt()))
+    rows = np.ascontiguousarray(projected.numpy(), dtype=np.float32)
+    size = min(size, len(rows))
+    state = _KCentreState.empty(len(rows), rows.shape[1], size)
+    lead = _principal_components(rows, _LEAD_DIMS)
+    step = max(1, size // 100)
+    with tqdm(total=size, desc="coreset", unit="pick", disable=not progress) as bar:
+        for begin in range(0, size, step):
+            end = min(size, begin + step)
+            _kcentre_picks(rows, lead, _first_pick(len(rows), seed), begin, end, *state)
+            bar.update(end - begin)
+    return Coreset(state.picks, float(np.sqrt(state.radius_squared[:size].max())))
+
+
+# Principal components used to rule rows out cheaply: on bottle the top 16 of 128 carry 92 % of the variance.
+_LEAD_DIMS = 16
+# Relative and absolute slack in every test that rules work out, far above float32 rounding: a row
+# that might move is never skipped, so only the exact float64 distances decide.
+_MARGIN = 1e-3
+
+
+class _KCentreState(NamedTuple):
+    """The greedy loop's state between compiled calls. Each centre's rows sit in one block of a
+    pool (row index, squared distance); a new centre's rows are appended at the pool's top and
+    the pool is compacted in place when it runs out."""
+
+    picks: np.ndarray
+    centres: np.ndarray  # the picked rows, contiguous
+    centre_leads: np.ndarray  # their principal components
+    radius_squared: np.ndarray  # per centre: the largest squared distance of its rows
+    farthest: np.ndarray  # per centre: the lowest row index at that distance
+    block_start: np.ndarray
+    block_size: np.ndarray
+    pool_rows: np.ndarray
+    pool_distances: np.ndarray
+    pool_top: np.ndarray  # one element
+
+    @classmethod
+    def empty(cls, n: int, dim: int, size: int) -> _KCentreState:
+        return cls(
+            np.empty(size, np.int64),
+            np.empty((size, dim), np.float32),
+            np.empty((size, min(_LEAD_DIMS, dim)), np.float32),
+            np.zeros(size, np.float64),
+            np.zeros(size, np.int64),
+            np.zeros(size, np.int64),
+            np.zeros(size, np.int64),
+            np.empty(2 * n, np.int64),
+            np.empty(2 * n, np.float64),
+            np.zeros(1, np.int64),
+        )
+
+
+def _principal_components(rows: np.ndarray, dims: int, chunk: int = 65536) -> np.ndarray:
+    """`rows` in the basis of their top `dims` principal components (float32, N x dims), built
+    chunk by chunk so that no float64 copy of all rows is ever made."""
+    dim = rows.shape[1]
+    gram, total = np.zeros((dim, dim)), np.zeros(dim)
+    for begin in range(0, len(rows), chunk):
+        block = rows[begin : begin + chunk].astype(np.float64)
+        gram += block.T @ block
+        total += block.sum(axis=0)
+    mean = total / len(rows)
+    _, vectors = np.linalg.eigh(gram / len(rows) - np.outer(mean, mean))
+    basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
+    out = np.empty((len(rows), basis.shape[1]), np.float32)
+    for begin in range(0, len(rows), chunk):
+        out[begin : begin + chunk] = rows[begin : begin + chunk] @ basis
+    return out
+
+
+@numba.njit(cache=True, fastmath=True)
+def _squared32(u: np.ndarray, v: np.ndarray) -> float:
+    """Squared distance in float32, for the tests that rule work out (with `_MARGIN`)."""
+    total = np.float32(0.0)
+    for k in range(u.shape[0]):
+        difference = u[k] - v[k]
+        total += difference * difference
+    return total
+
+
+@numba.njit(cache=True)
+def _squared64(u: np.ndarray, v: np.ndarray) -> float:
+    """Squared distance in float64: the exact value every decision is made on."""
+    total = 0.0
+    for k in range(u.shape[0]):
+        difference = np.float64(u[k]) - np.float64(v[k])
+        total += difference * difference
+    return total
+
+
+@numba.njit(cache=True)
+def _compact(
+    block_start: np.ndarray, block_size: np.ndarray, pool_rows: np.ndarray, pool_distances: np.ndarray, blocks: int
+) -> int:
+    """Close the gaps left in the pool by rows that moved; blocks keep their order."""
+    top = 0
+    for a in range(blocks):
+        begin, count = block_start[a], block_size[a]
+        for j in range(count):
+            pool_rows[top + j] = pool_rows[begin + j]
+            pool_distances[top + j] = pool_distances[begin + j]
+        block_start[a] = top
+        top += count
+    return top
+
+
+@numba.njit(cache=True)
+def _kcentre_picks(
+    rows: np.ndarray,
+    lead: np.ndarray,
+    first: int,
+    begin: int,
+    end: int,
+    picks: np.ndarray,
+    centres: np.ndarray,
+    centre_leads: np.ndarray,
+    radius_squared: np.ndarray,
+    farthest: np.ndarray,
+    block_start: np.ndarray,
+    block_size: np.ndarray,
+    pool_rows: np.ndarray,
+    pool_distances: np.ndarray,
+    pool_top: np.ndarray,
+) -> None:
+    """Picks number `begin` to `end` - 1 of the greedy loop, continuing from the state."""
+    n = rows.shape[0]
+    capacity = pool_rows.shape[0]
+    top = pool_top[0]
+    for i in range(begin, end):
+        if i == 0:
+            new = first
+        else:  # the farthest row of all: the lowest index among the farthest, as an argmax finds it
+            best, new = -1.0, 0
+            for a in range(i):
+                if radius_squared[a] > best or (radius_squared[a] == best and farthest[a] < new):
+                    best, new = radius_squared[a], farthest[a]
+        picks[i] = new
+        centre = rows[new]
+        centres[i] = centre
+        centre_lead = lead[new]
+        centre_leads[i] = centre_lead
+        block_start[i] = top
+        if i == 0:  # the first centre owns every row
+            for r in range(n):
+                pool_rows[top + r] = r
+                pool_distances[top + r] = _squared64(rows[r], centre)
+            top += n
+        for a in range(i):
+            if radius_squared[a] <= 0.0:
+                continue
+            reach = 2.0 * np.sqrt(radius_squared[a]) * (1.0 + _MARGIN) + _MARGIN
+            if _squared32(centre_leads[a], centre_lead) >= reach * reach:
+                continue
+            between = _squared32(centres[a], centre)
+            if between >= reach * reach:
+                continue
+            if capacity - top < block_size[a]:
+                block_size[i] = top - block_start[i]
+                top = _compact(block_start, block_size, pool_rows, pool_distances, i + 1)
+            stays = (np.sqrt(between) / 2.0 - _MARGIN) / (1.0 + _MARGIN)  # rows this close to a stay
+            stays_squared = stays * stays if stays > 0.0 else -1.0
+            kept = block_start[a]
+            for j in range(block_start[a], block_start[a] + block_size[a]):
+                r, current = pool_rows[j], pool_distances[j]
+                if current > stays_squared:
+                    bound = current * (1.0 + _MARGIN) + _MARGIN
+                    if _squared32(lead[r], centre_lead) <= bound and _squared32(rows[r], centre) <= bound:
+                        distance = _squared64(rows[r], centre)
+                        if distance < current:
+                            pool_rows[top], pool_distances[top] = r, distance
+                            top += 1
+                            continue
+                pool_rows[kept], pool_distances[kept] = r, current
+                kept += 1
+            block_size[a] = kept - block_start[a]
+            radius_squared[a], farthest[a] = _farthest(pool_rows, pool_distances, block_start[a], kept)
+        block_size[i] = top - block_start[i]
+        radius_squared[i], farthest[i] = _farthest(pool_rows, pool_distances, block_start[i], top)
+    pool_top[0] = top
+
+
+@numba.njit(cache=True)
+def _farthest(pool_rows: np.ndarray, pool_distances: np.ndarray, begin: int, end: int) -> tuple[float, int]:
+    """The largest squared distance in a block, and the lowest row index at it (for an empty
+    block: 0 and an index past every row, so that it never wins the argmax)."""
+    best, row = -1.0, pool_rows.shape[0]
+    for j in range(begin, end):
+        if pool_distances[j] > best or (pool_distances[j] == best and pool_rows[j] < row):
+            best, row = pool_distances[j], pool_rows[j]
+    return max(best, 0.0), row
 
 
 def extend_coreset(projected: torch.Tensor, nearest: torch.Tensor, radius: float, limit: int) -> np.ndarray:
@@ -119,13 +269,18 @@ def _first_pick(n: int, seed: int) -> int:
     return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
-def greedy_coreset_plain(projected: torch.Tensor, size: int, seed: int = 0) -> np.ndarray:
-    """The textbook loop: one distance per row per pick. The reference `greedy_coreset` must match."""
+def greedy_coreset_plain(
+    projected: torch.Tensor, size: int, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> np.ndarray:
+    """The textbook loop: one distance per row per pick (a matrix-vector product). In float64 it
+    is the reference that `greedy_coreset` must match; in float32 it is the usual fast loop,
+    whose rounding (norms minus twice the product) already changes picks on real data."""
+    projected = projected.to(dtype)
     n = projected.shape[0]
     size = min(size, n)
     squared_norms = row_norms_squared(projected)
     picks = np.empty(size, dtype=np.int64)
-    nearest = torch.full((n,), float("inf"))
+    nearest = torch.full((n,), float("inf"), dtype=dtype)
     current = _first_pick(n, seed)
     for i in range(size):
         picks[i] = current

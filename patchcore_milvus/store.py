@@ -385,10 +385,10 @@ class BankStore:
                 partition_names=[BANK_PARTITION],
                 search_params={"metric_type": "L2", "params": search_params},
             )
-            for row, neighbours in enumerate(hits, start=start):
-                for k, hit in enumerate(neighbours):
-                    squared[row, k] = hit["distance"]
-                    ids[row, k] = hit["id"]
+            for row, neighbours in enumerate(hits, start=start):  # ids and distances, without a dict per hit
+                found = len(neighbours.ids)
+                squared[row, :found] = neighbours.distances
+                ids[row, :found] = neighbours.ids
         return np.sqrt(np.maximum(squared, 0.0)), ids
 
     def get_rows(self, collection: str, ids: Iterable[int]) -> list[dict[str, Any]]:

@@ -1,0 +1,188 @@
+"""The query path: nearest-neighbour search in Milvus against in-process search, and where the
+time of one image goes.
+
+Ingests bottle (default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW) into a
+fresh Milvus Lite file, then searches the patches of bottle's test images (1,024 per image) in
+batches of `batch_size` images, one call per batch, with:
+Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index parameters), faiss-cpu
+IndexFlatL2 and IndexHNSWFlat (Milvus' HNSW parameters) and exact torch search. Each prints
+the median ms per image and recall@1 against exact search (a hit at the exact distance counts,
+so ties do not). Then the images are scored end to end with `Bank.score_paths` (decoding and
+feature extraction of the next batch overlap the search of this one) and without the overlap,
+and the median time per image of each stage is printed.
+
+    python benchmarks/query.py --images 40
+    unshare -n sh -c 'ip link set lo up && python benchmarks/query.py --images 40 --server'
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from milvus_server import MilvusTestServer, network_isolation_problem
+
+from patchcore_milvus.bank import Bank
+from patchcore_milvus.config import Config
+from patchcore_milvus.exact import ExactSearch
+from patchcore_milvus.features import FeaturePipeline
+from patchcore_milvus.images import list_images, load_rgb
+from patchcore_milvus.ingest import fit_bank
+from patchcore_milvus.store import BankStore
+
+Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # queries -> (distances, ids), k = 1
+
+
+def test_images(data: Path, count: int) -> list[Path]:
+    """`count` test images spread evenly over bottle's defect types and good ones."""
+    paths = list_images(data / "bottle" / "test")
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
+
+
+def copy_to(store: BankStore, version: str, target: BankStore, config: Config) -> str:
+    """The bank, vector for vector, in another Milvus; returns the new collection."""
+    rows = store.read_rows(version)
+    collection = target.create_version("bottle", len(rows[0]["vector"]))
+    positions = np.array([[r["patch_y"], r["patch_x"]] for r in rows])
+    target.insert(collection, np.stack([r["vector"] for r in rows]), [r["image"] for r in rows], positions)
+    target.build_index(collection, config.index_type, config.effective_index_params)
+    target.write_description(collection, store.read_description(version))
+    target.publish("bottle", collection, keep=1)
+    return collection
+
+
+def time_search(search: Search, batches: list[np.ndarray], exact: list[np.ndarray]) -> tuple[float, float]:
+    """Median ms per image over the batches (after one warm-up call), and recall@1 against exact."""
+    search(batches[0])
+    per_image, correct, total = [], 0, 0
+    for queries, exact_distances in zip(batches, exact):
+        images = len(queries) // 1024
+        start = time.perf_counter()
+        distances, _ = search(queries)
+        per_image.append((time.perf_counter() - start) * 1000 / images)
+        correct += int(np.sum(distances[:, 0] <= exact_distances * (1 + 1e-4) + 1e-6))
+        total += len(queries)
+    return float(np.median(per_image)), correct / total
+
+
+def faiss_search(index: faiss.Index) -> Search:
+    def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        squared, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
+        return np.sqrt(np.maximum(squared, 0)), ids
+
+    return search
+
+
+def end_to_end(bank: Bank, paths: list[Path], overlap: bool) -> tuple[float, dict[str, float]]:
+    """Wall ms per image for scoring `paths`, and each stage's median ms per image."""
+    list(bank.score_paths(paths[: bank.config.batch_size]))  # warm-up
+    start = time.perf_counter()
+    if overlap:
+        results = [result for _, result in bank.score_paths(paths)]
+    else:
+        results = []
+        for begin in range(0, len(paths), bank.config.batch_size):
+            batch = paths[begin : begin + bank.config.batch_size]
+            loading = time.perf_counter()
+            images = [load_rgb(p) for p in batch]
+            load_ms = (time.perf_counter() - loading) * 1000 / len(batch)
+            for result in bank.score_images(images, [str(p) for p in batch]):
+                result.timings_ms["load"] = load_ms
+                results.append(result)
+    wall = (time.perf_counter() - start) * 1000 / len(paths)
+    stages = {k: float(np.median([r.timings_ms[k] for r in results])) for k in results[0].timings_ms}
+    return wall, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/mvtec_ad"))
+    parser.add_argument("--images", type=int, default=40, help="test images to score")
+    parser.add_argument("--server", action="store_true", help="also a Milvus 2.3.5 server (needs `unshare -n`)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.server and (problem := network_isolation_problem()):
+        raise SystemExit(problem)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="query-bench-") as work_dir:
+        work = Path(work_dir)
+        config = Config(uri=str(work / "lite.db"), progress=False)
+        started = time.perf_counter()
+        summary = fit_bank("bottle", list_images(args.data / "bottle" / "train" / "good"), config)
+        print(f"bank: {summary.coreset_size} x {summary.dim} ({time.perf_counter() - started:.0f} s to ingest)")
+        store = BankStore.from_config(config)
+        version = store.resolve("bottle")
+        vectors = store.read_vectors(version).astype(np.float32)
+        params = config.effective_search_params
+
+        paths = test_images(args.data, args.images)
+        features = FeaturePipeline(config)
+        batches = []
+        for begin in range(0, len(paths), config.batch_size):
+            images = [features.preprocess(load_rgb(p)) for p in paths[begin : begin + config.batch_size]]
+            batches.append(features(torch.stack(images)).reshape(-1, features.dim).numpy())
+        exact_search = ExactSearch(vectors)
+        exact = [exact_search(queries, 1)[0][:, 0] for queries in batches]
+
+        hnsw = faiss.IndexHNSWFlat(vectors.shape[1], config.effective_index_params["M"])
+        hnsw.hnsw.efConstruction = config.effective_index_params["efConstruction"]
+        hnsw.add(vectors)
+        hnsw.hnsw.efSearch = params["ef"]
+        flat = faiss.IndexFlatL2(vectors.shape[1])
+        flat.add(vectors)
+        searchers: dict[str, Search] = {
+            "Milvus Lite, HNSW": lambda q: store.search(version, q, 1, params),
+            "faiss IndexHNSWFlat": faiss_search(hnsw),
+            "faiss IndexFlatL2": faiss_search(flat),
+            "torch, exact": lambda q: exact_search(q, 1),
+        }
+        server = None
+        if args.server:
+            server = MilvusTestServer(work / "server")
+            server.start()
+            server_store = BankStore(server.uri)
+            collection = copy_to(store, version, server_store, config)
+            searchers["Milvus 2.3.5 server, HNSW"] = lambda q: server_store.search(collection, q, 1, params)
+        try:
+            rows = {name: time_search(search, batches, exact) for name, search in searchers.items()}
+            lite_bank = Bank.open("bottle", config, store=store, features=features)
+            pipelines = {
+                "Milvus Lite, overlapped": end_to_end(lite_bank, paths, overlap=True),
+                "Milvus Lite, one stage after another": end_to_end(lite_bank, paths, overlap=False),
+            }
+            if server is not None:
+                server_bank = Bank.open("bottle", config.replace(uri=server.uri), features=features)
+                pipelines["Milvus server, overlapped"] = end_to_end(server_bank, paths, overlap=True)
+        finally:
+            if server is not None:
+                server.stop()
+
+    per_batch = config.batch_size
+    print(f"\n{len(paths)} bottle test images, {per_batch} images (x 1,024 patches) per search call, k = 1")
+    index = config.effective_index_params
+    hnsw_params = f"M {index['M']}, efConstruction {index['efConstruction']}, ef {params['ef']}"
+    print(f"bank {len(vectors)} x {vectors.shape[1]}, HNSW {hnsw_params}")
+    faiss_ms = rows["faiss IndexHNSWFlat"][0]
+    print("| search | ms per image | recall@1 | vs faiss HNSW |")
+    print("| --- | --- | --- | --- |")
+    for name, (ms, recall) in rows.items():
+        print(f"| {name} | {ms:.1f} | {recall:.4f} | {ms / faiss_ms:.1f}x |")
+    stages = list(next(iter(pipelines.values()))[1])
+    print("\n| end to end | ms per image (wall) | " + " | ".join(f"{s} (median)" for s in stages) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in stages) + " |")
+    for name, (wall, times) in pipelines.items():
+        print(f"| {name} | {wall:.0f} | " + " | ".join(f"{times[s]:.1f}" for s in stages) + " |")
+
+
+if __name__ == "__main__":
+    main()
