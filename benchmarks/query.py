@@ -44,7 +44,7 @@ Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # queries -> (di
 
 def test_images(data: Path, count: int) -> list[Path]:
     """`count` test images spread evenly over bottle's defect types and good ones."""
-    paths = list_images(data / "bottle" / "test")
+    paths = sorted((data / "bottle" / "test").rglob("*.png"))
     return [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
 
 

@@ -84,6 +84,28 @@ def test_a_bad_file_is_reported_and_the_rest_scored(fitted: Config, tmp_path: Pa
     assert results[1][1].image_score > 0
 
 
+def test_batches_scored_while_the_next_is_extracted_give_the_same_results(fitted: Config, tmp_path: Path):
+    """score_paths extracts batch k + 1 in a worker thread while batch k is searched: every file
+    still gets its own result, in order, equal to scoring it alone; bad files in any batch are reported."""
+    paths = []
+    for i in range(7):  # batches of 3: 3 + 3 + 1, a bad file in the middle one
+        paths.append(tmp_path / f"{i}.png")
+        if i == 4:
+            paths[-1].write_bytes(b"not an image")
+        else:
+            textured_image(200 + i, defect=i % 2 == 0).save(paths[-1])
+    bank = Bank.open("texture", fitted.replace(batch_size=3))
+    results = list(bank.score_paths(paths))
+    # A batch's bad files come before its results.
+    assert [path for path, _ in results] == [*paths[:3], paths[4], paths[3], *paths[5:]]
+    assert "not a readable image" in str(results[3][1])
+    for path, result in results[:3] + results[4:]:
+        [alone] = bank.score_images([load_rgb(path)], [str(path)])
+        assert result.path == str(path)
+        assert result.image_score == pytest.approx(alone.image_score, rel=1e-5)
+        assert set(result.timings_ms) == {"load", "extract", "search", "post"}
+
+
 def test_reingest_replaces_the_bank_and_failed_ingest_keeps_the_old(fitted: Config, good_folder: Path):
     store = BankStore(fitted.uri)
     first = store.resolve("texture")
