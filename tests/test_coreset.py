@@ -92,7 +92,9 @@ def test_pruned_loop_matches_the_reference_through_many_picks():
     """Half the rows picked: clusters shrink to single rows, the pool of row blocks is compacted
     many times, and every row is picked once when all are asked for."""
     projected = random_projection(clustered(n=3000, dim=24, seed=5), 20, 1)
-    np.testing.assert_array_equal(greedy_coreset(projected, 1500, seed=1).picks, greedy_coreset_plain(projected, 1500, 1))
+    np.testing.assert_array_equal(
+        greedy_coreset(projected, 1500, seed=1).picks, greedy_coreset_plain(projected, 1500, 1)
+    )
     everything = greedy_coreset(projected, 3000, seed=1)
     assert sorted(everything.picks) == list(range(3000))
     assert everything.radius == 0.0
