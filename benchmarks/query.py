@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bank_copy import copy_bank
 from milvus_server import MilvusTestServer, network_isolation_problem
 
 from patchcore_milvus.bank import Bank
@@ -48,24 +49,14 @@ def test_images(data: Path, count: int) -> list[Path]:
     return [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
 
 
-def copy_to(store: BankStore, version: str, target: BankStore, config: Config) -> str:
-    """The bank, vector for vector, in another Milvus; returns the new collection."""
-    rows = store.read_rows(version)
-    collection = target.create_version("bottle", len(rows[0]["vector"]))
-    positions = np.array([[r["patch_y"], r["patch_x"]] for r in rows])
-    target.insert(collection, np.stack([r["vector"] for r in rows]), [r["image"] for r in rows], positions)
-    target.build_index(collection, config.index_type, config.effective_index_params)
-    target.write_description(collection, store.read_description(version))
-    target.publish("bottle", collection, keep=1)
-    return collection
-
-
-def time_search(search: Search, batches: list[np.ndarray], exact: list[np.ndarray]) -> tuple[float, float]:
+def time_search(
+    search: Search, batches: list[np.ndarray], exact: list[np.ndarray], patches_per_image: int
+) -> tuple[float, float]:
     """Median ms per image over the batches (after one warm-up call), and recall@1 against exact."""
     search(batches[0])
     per_image, correct, total = [], 0, 0
     for queries, exact_distances in zip(batches, exact):
-        images = len(queries) // 1024
+        images = len(queries) // patches_per_image
         start = time.perf_counter()
         distances, _ = search(queries)
         per_image.append((time.perf_counter() - start) * 1000 / images)
@@ -151,10 +142,11 @@ def main() -> None:
             server = MilvusTestServer(work / "server")
             server.start()
             server_store = BankStore(server.uri)
-            collection = copy_to(store, version, server_store, config)
+            collection = copy_bank(store, version, server_store, config)
             searchers["Milvus 2.3.5 server, HNSW"] = lambda q: server_store.search(collection, q, 1, params)
         try:
-            rows = {name: time_search(search, batches, exact) for name, search in searchers.items()}
+            per_image = len(batches[0]) // min(config.batch_size, len(paths))
+            rows = {name: time_search(search, batches, exact, per_image) for name, search in searchers.items()}
             lite_bank = Bank.open("bottle", config, store=store, features=features)
             pipelines = {
                 "Milvus Lite, overlapped": end_to_end(lite_bank, paths, overlap=True),

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bank_copy import copy_bank
 from milvus_server import MilvusTestServer, network_isolation_problem
 
 from patchcore_milvus.config import Config
@@ -55,24 +56,11 @@ def station(uri: str, count: int, start_at: float, out: Path, data: Path) -> Non
     out.write_text(json.dumps({"latencies": latencies, "stages": stages, "end": time.time()}))
 
 
-def copy_bank(server_uri: str, lite_uri: str) -> None:
+def copy_to_lite(server_uri: str, lite_uri: str) -> None:
     """The server's bottle bank, vector for vector, as a Milvus Lite bank."""
     config = Config(uri=server_uri, progress=False)
-    source, target = BankStore.from_config(config), BankStore(lite_uri)
-    version = source.resolve("bottle")
-    rows = source.read_rows(version)
-    description = source.read_description(version)
-    collection = target.create_version("bottle", len(rows[0]["vector"]))
-    target.insert(
-        collection,
-        np.stack([r["vector"] for r in rows]),
-        [r["image"] for r in rows],
-        np.array([[r["patch_y"], r["patch_x"]] for r in rows]),
-    )
-    target.build_index(collection, config.index_type, config.effective_index_params)
-    target.write_description(collection, description)
-    target.verify(collection, len(rows), probe_id=0, search_params=config.effective_search_params)
-    target.publish("bottle", collection, keep=1)
+    source = BankStore.from_config(config)
+    copy_bank(source, source.resolve("bottle"), BankStore(lite_uri), config)
 
 
 def run_stations(uri: str, stations: int, count: int, data: Path, work: Path) -> dict[str, float]:
@@ -138,6 +126,6 @@ if __name__ == "__main__":
         uri, count, start_at, out, data = sys.argv[2:7]
         station(uri, int(count), float(start_at), Path(out), Path(data))
     elif len(sys.argv) > 1 and sys.argv[1] == "--copy":
-        copy_bank(sys.argv[2], sys.argv[3])
+        copy_to_lite(sys.argv[2], sys.argv[3])
     else:
         main()

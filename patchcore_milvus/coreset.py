@@ -54,13 +54,13 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     size = min(size, len(rows))
     state = _KCentreState.empty(len(rows), rows.shape[1], size)
     lead = _principal_components(rows, _LEAD_DIMS)
-    step = max(1, size // 100)
+    first, step = _first_pick(len(rows), seed), max(1, size // 100)
     with tqdm(total=size, desc="coreset", unit="pick", disable=not progress) as bar:
         for begin in range(0, size, step):
             end = min(size, begin + step)
-            _kcentre_picks(rows, lead, _first_pick(len(rows), seed), begin, end, *state)
+            _kcentre_picks(rows, lead, first, begin, end, *state)
             bar.update(end - begin)
-    return Coreset(state.picks, float(np.sqrt(state.radius_squared[:size].max())))
+    return Coreset(state.picks, float(np.sqrt(state.radius_squared.max())))
 
 
 # Principal components used to rule rows out cheaply: on bottle the top 16 of 128 carry 92 % of the variance.
