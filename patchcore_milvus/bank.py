@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pymilvus import MilvusException
 
-from patchcore_milvus.config import Config
-from patchcore_milvus.errors import BankMismatchError, ImageError
+from patchcore_milvus.ann_check import SearchWidths, recheck_params
+from patchcore_milvus.config import DEFAULT_SEARCH_PARAMS, Config, check_params
+from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline, describe_mismatch
 from patchcore_milvus.images import load_rgb
-from patchcore_milvus.scoring import anomaly_maps, reweighting_factor, to_original_size
+from patchcore_milvus.scoring import anomaly_maps, reweighting_factor, settle_largest, to_original_size
 from patchcore_milvus.store import BankStore
 
 
@@ -43,6 +43,8 @@ class Inspection:
     patch_ids: np.ndarray = field(repr=False)
     # The bank version (collection) that scored it.
     bank_version: str = ""
+    # Patches whose distance was settled by the precise recheck search (see scoring.settle_largest).
+    rechecked_patches: int = 0
 
     @property
     def verdict(self) -> str | None:
@@ -67,11 +69,13 @@ class Inspection:
             "defect_pixels": int(self.mask.sum()) if self.mask is not None else None,
             "nearest_patch": self.nearest_patch,
             "bank_version": self.bank_version,
+            "rechecked_patches": self.rechecked_patches,
             "ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
 
-SearchFunction = Callable[[str, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# (version, vectors, top_k, search params) -> (Euclidean distances, ids), each (n, top_k).
+SearchFunction = Callable[[str, np.ndarray, int, dict[str, Any]], tuple[np.ndarray, np.ndarray]]
 
 
 class Bank:
@@ -79,8 +83,12 @@ class Bank:
 
     Before each batch the bank follows the category's alias, so a station picks up a new or
     rolled-back version by itself, and every call for one batch goes to one version: an
-    answer never mixes two banks. `search(version, vectors, top_k) -> (Euclidean distances,
-    ids)` defaults to Milvus; `with_exact_search` pins one version and searches it in-process.
+    answer never mixes two banks. `search` defaults to Milvus; `Bank.pinned` scores one version
+    whatever the alias says, `with_exact_search` searches it exactly in-process.
+
+    Every patch is searched at the bank's search width; each image's largest distances, which
+    make its score, are then settled with the wider recheck search (both chosen and measured
+    against exact search at ingest, see ann_check.py).
     """
 
     def __init__(
@@ -97,8 +105,21 @@ class Bank:
         self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
-        self.search = search or functools.partial(store.search, search_params=config.effective_search_params)
+        self.search: SearchFunction = search or store.search
         self._use(version, description)
+
+    @classmethod
+    def pinned(
+        cls,
+        store: BankStore,
+        version: str,
+        description: dict[str, Any],
+        features: FeaturePipeline,
+        config: Config,
+        search: SearchFunction | None = None,
+    ) -> Bank:
+        """Exactly `version`, whatever the category's alias points at."""
+        return cls(store, None, version, description, features, config, search)
 
     @classmethod
     def open(
@@ -115,8 +136,8 @@ class Bank:
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
         exact = ExactSearch(self.store.read_vectors(self.version))
-        return Bank(
-            self.store, None, self.version, self.description, self.features, self.config, lambda _, v, k: exact(v, k)
+        return Bank.pinned(
+            self.store, self.version, self.description, self.features, self.config, lambda _, v, k, __: exact(v, k)
         )
 
     def refresh(self) -> None:
@@ -130,12 +151,28 @@ class Bank:
             self._use(version, description)
 
     def _use(self, version: str, description: dict[str, Any]) -> None:
-        self.version = version
-        self.description = description
         stored = description.get("thresholds") or {}
         config = self.config
-        self.image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
-        self.pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
+        image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
+        pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
+        for name, value in (("image", image_threshold), ("pixel", pixel_threshold)):
+            if value is not None and not math.isfinite(value):
+                raise StoreError(f"bank version {version} has a non-finite {name} threshold ({value}); re-ingest it")
+        index = description["index"]
+        if config.search_params:
+            check_params("search", config.search_params, index["type"])
+            params = {**DEFAULT_SEARCH_PARAMS[index["type"]], **config.search_params}
+        elif "search" in description:
+            params = SearchWidths.from_dict(description["search"]).params
+        else:  # a bank from before the search widths were measured at ingest
+            params = DEFAULT_SEARCH_PARAMS[index["type"]]
+        if "search" in description:
+            recheck = SearchWidths.from_dict(description["search"]).recheck
+        else:
+            recheck = recheck_params(index["type"], index["params"], params)
+        self.version, self.description = version, description
+        self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
+        self.search_params, self.recheck_params = params, recheck
 
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
         """Score files in batches; a file that is not a usable image yields its error and the rest go on.
@@ -145,19 +182,20 @@ class Bank:
         """
         batches = _batched(paths, self.config.batch_size)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-extract") as worker:
-            pending = _next_batch(worker, batches, self._load_and_extract)
+            pending = _next_batch(worker, batches, self.load_and_extract)
             while pending is not None:
                 extracted = pending.result()
-                pending = _next_batch(worker, batches, self._load_and_extract)
+                pending = _next_batch(worker, batches, self.load_and_extract)
                 yield from extracted.errors
                 if extracted.names:
-                    yield from ((Path(result.path), result) for result in self._score_extracted(extracted))
+                    yield from ((Path(result.path), result) for result in self.score_extracted(extracted))
 
     def score_images(self, images: list[Image.Image], names: list[str]) -> list[Inspection]:
         """Score RGB images: all their patches go to Milvus in one search with top_k = 1."""
-        return self._score_extracted(self._extract(images, names, [0.0] * len(images)))
+        return self.score_extracted(self._extract(images, names, [0.0] * len(images)))
 
-    def _load_and_extract(self, paths: list[Path]) -> _Extracted:
+    def load_and_extract(self, paths: list[Path]) -> Extracted:
+        """Decode `paths` and extract their patch features: one batch, ready for `score_extracted`."""
         images, loaded, load_ms, errors = [], [], [], []
         for path in paths:
             start = time.perf_counter()
@@ -172,14 +210,15 @@ class Bank:
         extracted.errors = errors
         return extracted
 
-    def _extract(self, images: list[Image.Image], names: list[str], load_ms: list[float]) -> _Extracted:
+    def _extract(self, images: list[Image.Image], names: list[str], load_ms: list[float]) -> Extracted:
         start = time.perf_counter()
         patches = None
         if images:
             patches = self.features(torch.stack([self.features.preprocess(image) for image in images])).numpy()
-        return _Extracted(names, images, patches, load_ms, (time.perf_counter() - start) * 1000)
+        return Extracted(names, images, patches, load_ms, (time.perf_counter() - start) * 1000)
 
-    def _score_extracted(self, extracted: _Extracted) -> list[Inspection]:
+    def score_extracted(self, extracted: Extracted) -> list[Inspection]:
+        """Inspections of one extracted batch, all from one bank version."""
         t1 = time.perf_counter()
         images, patches = extracted.images, extracted.patches
         n, h, w, dim = patches.shape
@@ -187,34 +226,35 @@ class Bank:
             self.refresh()
             version = self.version
             try:
-                distances, ids, nearest_rows, weights = self._search_batch(version, patches.reshape(n, h * w, dim))
+                found = self._search_batch(version, patches.reshape(n, h * w, dim))
                 break
-            except MilvusException as exc:
+            except VersionGoneError:
                 # The version was dropped between the alias lookup and the search (a publish
                 # keeping fewer versions, or a drop): look the alias up again, once.
-                if attempt == 2 or self.category is None or not _is_missing_collection(exc):
+                if attempt == 2 or self.category is None:
                     raise
-        patch_scores = distances[:, 0].reshape(n, h * w)
-        worst = patch_scores.argmax(axis=1)
+        distances, ids, rechecked, nearest_rows, weights = found
+        worst = distances.argmax(axis=1)
         t2 = time.perf_counter()
         maps = anomaly_maps(
-            torch.from_numpy(patch_scores.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
+            torch.from_numpy(distances.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
         )
         results = []
         for i, image in enumerate(images):
             results.append(
                 Inspection(
                     path=extracted.names[i],
-                    image_score=float(patch_scores[i, worst[i]] * weights[i]),
+                    image_score=float(distances[i, worst[i]] * weights[i]),
                     image_threshold=self.image_threshold,
                     pixel_threshold=self.pixel_threshold,
                     anomaly_map=to_original_size(maps[i], self.features.preprocess, *image.size),
                     nearest_patch={k: nearest_rows[i][k] for k in ("image", "patch_y", "patch_x")},
                     timings_ms={},
                     image=image,
-                    patch_distances=distances[i * h * w : (i + 1) * h * w, 0].reshape(h, w),
-                    patch_ids=ids[i * h * w : (i + 1) * h * w, 0].reshape(h, w),
+                    patch_distances=distances[i].reshape(h, w),
+                    patch_ids=ids[i].reshape(h, w),
                     bank_version=version,
+                    rechecked_patches=int(rechecked[i]),
                 )
             )
         t3 = time.perf_counter()
@@ -229,26 +269,43 @@ class Bank:
 
     def _search_batch(
         self, version: str, patches: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], np.ndarray]:
-        """Nearest bank vector of every patch (n images x p patches x dim), the bank row nearest
-        to each image's worst patch, and each image's eq. 7 weight; all from `version`."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], np.ndarray]:
+        """For n images x p patches x dim, all from `version`: each patch's distance to and id of
+        its nearest bank vector (n, p), with each image's largest distances settled by the recheck
+        search; how many patches of each image were rechecked; the bank row nearest to each
+        image's worst patch; and each image's eq. 7 weight."""
         n, p, dim = patches.shape
-        distances, ids = self.search(version, patches.reshape(-1, dim), 1)
-        worst = distances[:, 0].reshape(n, p).argmax(axis=1)
-        nearest_rows = self.store.get_rows(version, ids[:, 0].reshape(n, p)[np.arange(n), worst])
+        distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
+        distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
+        rechecked = settle_largest(
+            distances, ids, patches, lambda vectors: self.search(version, vectors, 1, self.recheck_params)
+        )
+        missing = int((ids < 0).sum())
+        if missing:
+            raise StoreError(f"bank version {version} returned no neighbour for {missing} patches; is it complete?")
+        worst = distances.argmax(axis=1)
+        nearest_rows = self.store.get_rows(version, ids[np.arange(n), worst])
         weights = np.ones(n)
         if self.config.reweight:
             weights = self._reweighting(version, patches[np.arange(n), worst], nearest_rows)
-        return distances, ids, nearest_rows, weights
+        return distances, ids, rechecked, nearest_rows, weights
 
     def _reweighting(self, version: str, worst_patches: np.ndarray, nearest_rows: list[dict[str, Any]]) -> np.ndarray:
-        """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank."""
-        b = self.config.reweight_neighbors
+        """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank, found
+        with the recheck search; fewer than the bank holds is refused, not scored."""
+        b = min(self.config.reweight_neighbors, int(self.description["coreset"]["size"]) - 1)
+        if b < 1:
+            return np.ones(len(worst_patches))  # a bank of one vector: m* has no neighbours to weigh against
         centres = np.stack([row["vector"] for row in nearest_rows])
-        _, neighbour_ids = self.search(version, centres, b + 1)
+        _, neighbour_ids = self.search(version, centres, b + 1, self.recheck_params)
         candidate_ids = []
         for row, ids in zip(nearest_rows, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != row["id"]][:b]
+            if len(others) < b:
+                raise StoreError(
+                    f"bank version {version} returned {len(others)} of the {b} neighbours of bank vector "
+                    f"{row['id']} that the re-weighting (eq. 7) needs; the score was not computed"
+                )
             candidate_ids.append([row["id"], *others])
         rows = self.store.get_rows(version, [i for ids in candidate_ids for i in ids])
         vectors = {row["id"]: row["vector"] for row in rows}
@@ -261,7 +318,7 @@ class Bank:
 
 
 @dataclass
-class _Extracted:
+class Extracted:
     """One batch, decoded and through the feature extractor."""
 
     names: list[str]
@@ -284,8 +341,8 @@ def _batched(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
 
 
 def _next_batch(
-    worker: ThreadPoolExecutor, batches: Iterator[list[Path]], job: Callable[[list[Path]], _Extracted]
-) -> Future[_Extracted] | None:
+    worker: ThreadPoolExecutor, batches: Iterator[list[Path]], job: Callable[[list[Path]], Extracted]
+) -> Future[Extracted] | None:
     batch = next(batches, None)
     return None if batch is None else worker.submit(job, batch)
 
@@ -298,8 +355,3 @@ def check_extractor(category: str, description: dict[str, Any], features: Featur
             + "\n  ".join(differences)
             + "\nUse the options (or the config file) the bank was ingested with, or re-ingest it."
         )
-
-
-def _is_missing_collection(exc: MilvusException) -> bool:
-    message = str(exc.message).lower()
-    return exc.code == 100 or "not found" in message or "not exist" in message or "can't find" in message

@@ -14,7 +14,6 @@ from typing import Any
 import click
 import torch
 import yaml
-from pymilvus import MilvusException
 
 from patchcore_milvus import __version__
 from patchcore_milvus.config import (
@@ -141,16 +140,21 @@ class _Group(click.Group):
     """Prints our errors and Milvus' as one clear message, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        # pymilvus logs a traceback for every failed call, retried or not; our errors say what matters.
+        # pymilvus logs a traceback for every failed call, retried or not; our errors say what matters,
+        # and our warnings (a Milvus call being retried) are one line each.
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        ours = logging.getLogger("patchcore_milvus")
+        ours.addHandler(handler)
+        ours.setLevel(logging.WARNING)
         try:
             return super().invoke(ctx)
         except PatchcoreMilvusError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
-        except MilvusException as exc:
-            click.secho(f"error: Milvus refused the request: {exc.message} (code {exc.code})", fg="red", err=True)
-            sys.exit(2)
+        finally:
+            ours.removeHandler(handler)
 
 
 @click.group(cls=_Group)
@@ -258,7 +262,7 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
         if out_dir is not None:
             record["files"] = [str(p) for p in write_outputs(out_dir, stems[path], result)]
         if as_json:
-            click.echo(json.dumps(record))
+            click.echo(json.dumps(record, allow_nan=False))
         else:
             threshold = "none" if result.image_threshold is None else f"{result.image_threshold:.3f}"
             click.echo(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -29,6 +30,22 @@ DEFAULT_SEARCH_PARAMS: dict[str, dict[str, Any]] = {
     "HNSW_SQ": {"ef": 64},
     "IVF_FLAT": {"nprobe": 32},
     "IVF_SQ8": {"nprobe": 32},
+}
+# The parameters each index type takes, with their allowed integer ranges (Milvus' own limits)
+# or allowed values; anything else is refused before any work starts.
+_HNSW_BUILD = {"M": (2, 2048), "efConstruction": (8, 2**31 - 1)}
+_IVF_BUILD = {"nlist": (1, 65536)}
+INDEX_PARAM_RULES: dict[str, dict[str, tuple[int, int] | tuple[str, ...]]] = {
+    "HNSW": _HNSW_BUILD,
+    "HNSW_SQ": {**_HNSW_BUILD, "sq_type": ("SQ4U", "SQ6", "SQ8", "BF16", "FP16")},
+    "IVF_FLAT": _IVF_BUILD,
+    "IVF_SQ8": _IVF_BUILD,
+}
+SEARCH_PARAM_RULES: dict[str, dict[str, tuple[int, int] | tuple[str, ...]]] = {
+    "HNSW": {"ef": (1, 32768)},
+    "HNSW_SQ": {"ef": (1, 32768)},
+    "IVF_FLAT": {"nprobe": (1, 65536)},
+    "IVF_SQ8": {"nprobe": (1, 65536)},
 }
 
 TOKEN_ENV = "MILVUS_TOKEN"
@@ -72,7 +89,8 @@ class Config:
     projection_dim: int = 128
     seed: int = 0
 
-    # Milvus index; empty params take the defaults for the index type.
+    # Milvus index; empty index params take the defaults for the index type. Empty search params
+    # take the bank's own, chosen and checked against exact search at ingest.
     index_type: str = "HNSW"
     index_params: dict[str, Any] = field(default_factory=dict)
     search_params: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +124,7 @@ class Config:
 
     @property
     def effective_search_params(self) -> dict[str, Any]:
+        """What ingest starts its search-width check from."""
         return {**DEFAULT_SEARCH_PARAMS[self.index_type], **self.search_params}
 
     @property
@@ -181,6 +200,37 @@ def _check_types(config: Config) -> None:
         if not _accepts(value, hints[f.name]):
             expected = getattr(hints[f.name], "__name__", str(hints[f.name]))
             raise ConfigError(f"option {f.name} must be {expected}, got {value!r}")
+        # NaN compares false with everything and infinity passes every lower bound: either would
+        # let a threshold or a margin silently call every image OK.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"option {f.name} must be a finite number, got {value!r}")
+
+
+def check_params(kind: str, params: dict[str, Any], index_type: str) -> None:
+    """Refuse parameter names the index type does not take and values outside their range.
+
+    `kind`: "index" or "search"."""
+    rules = (INDEX_PARAM_RULES if kind == "index" else SEARCH_PARAM_RULES)[index_type]
+    option = f"{kind}_params"
+    for name, value in params.items():
+        if name not in rules:
+            raise ConfigError(
+                f"{option}: {index_type} takes no parameter {name!r}; valid names: {', '.join(rules)}"
+                + _did_you_mean(name, list(rules))
+            )
+        rule = rules[name]
+        if isinstance(rule[0], str):
+            if value not in rule:
+                raise ConfigError(f"{option}: {name} must be one of {', '.join(map(str, rule))}, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or not rule[0] <= value <= rule[1]:
+            raise ConfigError(f"{option}: {name} must be a whole number from {rule[0]} to {rule[1]}, got {value!r}")
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_values(c: Config) -> None:
@@ -209,7 +259,7 @@ def _check_values(c: Config) -> None:
     require(c.threshold_sigma >= 0, f"threshold_sigma must not be negative, got {c.threshold_sigma}")
     require(c.batch_size >= 1, f"batch_size must be at least 1, got {c.batch_size}")
     require(c.num_threads is None or c.num_threads >= 1, f"num_threads must be at least 1, got {c.num_threads}")
-    require(c.milvus_timeout > 0, f"milvus_timeout must be positive, got {c.milvus_timeout}")
+    require(c.milvus_timeout >= 0.1, f"milvus_timeout must be at least 0.1 seconds, got {c.milvus_timeout}")
     require(c.index_timeout > 0, f"index_timeout must be positive, got {c.index_timeout}")
     require(c.retry_seconds >= 0, f"retry_seconds must not be negative, got {c.retry_seconds}")
     require(c.keep_versions >= 1, f"keep_versions must be at least 1 (the current bank), got {c.keep_versions}")
@@ -221,6 +271,12 @@ def _check_values(c: Config) -> None:
         c.tls_client_cert is None or c.tls_ca_cert is not None,
         "mutual TLS (tls_client_cert) also needs tls_ca_cert, the CA that signed the server's certificate",
     )
+    check_params("index", c.index_params, c.index_type)
+    # Search parameters are checked against the bank's index type when a bank is opened; here,
+    # against every type, so that a typo is refused before any work starts.
+    for name, value in c.search_params.items():
+        takes = [t for t, rules in SEARCH_PARAM_RULES.items() if name in rules]
+        check_params("search", {name: value}, takes[0] if takes else c.index_type)
     is_server = c.uri.startswith(("http://", "https://"))
     require(
         is_server or c.uri.endswith(".db"),

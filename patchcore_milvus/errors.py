@@ -26,8 +26,20 @@ class BankMismatchError(PatchcoreMilvusError):
 
 
 class StoreError(PatchcoreMilvusError):
-    """Milvus could not be reached or refused an operation."""
+    """Milvus could not be reached or refused an operation; `code` is Milvus' error code, if any."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class StoreUnavailableError(StoreError):
     """Milvus did not answer within the retry time; a later call may succeed (the server restarts)."""
+
+
+class VersionGoneError(StoreError):
+    """The bank version (collection) asked for no longer exists: dropped by a publish or a drop."""
+
+
+class CalibrationError(PatchcoreMilvusError):
+    """Thresholds could not be derived from the held-out images."""

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from patchcore_milvus import __version__
+from patchcore_milvus.ann_check import PROBE_PATCHES, choose_search_widths
 from patchcore_milvus.bank import Bank, check_extractor
 from patchcore_milvus.config import Config
 from patchcore_milvus.coreset import (
@@ -25,7 +26,8 @@ from patchcore_milvus.coreset import (
     projection_matrix,
     row_norms_squared,
 )
-from patchcore_milvus.errors import BankMismatchError, ImageError
+from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError
+from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
 from patchcore_milvus.store import BankStore, validate_category
@@ -73,6 +75,24 @@ class IngestSummary:
             f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}",
             f"time: {stages}",
         ]
+
+
+@dataclass
+class BankContents:
+    """What a new bank version holds, and the patches its search is checked on before publishing."""
+
+    vectors: np.ndarray  # (n, dim) float32
+    sources: list[str]  # the training image of each vector
+    positions: np.ndarray  # (n, 2) int: patch y, x of each vector in its image
+    probes: np.ndarray  # (m, dim) training patches the coreset left out: real queries with known answers
+
+
+def probe_rows(n_rows: int, picks: np.ndarray, seed: int, count: int = PROBE_PATCHES) -> np.ndarray:
+    """A seeded sample of the rows not picked for the bank (all rows where every one was picked)."""
+    left = np.setdiff1d(np.arange(n_rows), picks)
+    left = left if left.size else np.arange(n_rows)
+    chosen = np.random.default_rng(seed).choice(left, size=min(count, left.size), replace=False)
+    return np.sort(chosen)
 
 
 @dataclass
@@ -167,9 +187,12 @@ def fit_bank(
         picks, radius = greedy_coreset(patches.projected, size, config.seed, config.progress)
         seconds["coreset"] = time.perf_counter() - t
 
-        vectors = patches.full[picks]  # the coreset, read back from disk
-        sources = [names[bank_idx[patches.positions[i, 0]]] for i in picks]
-        positions = patches.positions[picks, 1:]
+        contents = BankContents(
+            vectors=patches.full[picks],  # the coreset, read back from disk
+            sources=[names[bank_idx[patches.positions[i, 0]]] for i in picks],
+            positions=patches.positions[picks, 1:],
+            probes=patches.full[probe_rows(n_patches, picks, config.seed)],
+        )
         used, skipped = np.unique(patches.positions[:, 0]), patches.skipped
     del patches  # the projected features go; the memory-mapped file went with the folder
 
@@ -191,9 +214,7 @@ def fit_bank(
         "training_images": [{"root": str(root), "bank": [names[bank_idx[i]] for i in used]}],
     }
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection, thresholds = _publish(
-        store, category, features, config, vectors, sources, positions, description, held_out, [], seconds
-    )
+    collection, thresholds = _publish(store, category, features, config, contents, description, held_out, [], seconds)
     return _summary(
         category,
         collection,
@@ -251,10 +272,13 @@ def append_to_bank(
         picks = far[torch.as_tensor(extend_coreset(patches.projected[far], nearest[far], radius, limit))].numpy()
         seconds["coreset"] = time.perf_counter() - t
 
-        vectors = np.concatenate([old_vectors.numpy(), patches.full[picks]])
-        sources = [row["image"] for row in old_rows] + [names[bank_idx[patches.positions[i, 0]]] for i in picks]
-        positions = np.concatenate(
-            [np.array([[row["patch_y"], row["patch_x"]] for row in old_rows]), patches.positions[picks, 1:]]
+        contents = BankContents(
+            vectors=np.concatenate([old_vectors.numpy(), patches.full[picks]]),
+            sources=[row["image"] for row in old_rows] + [names[bank_idx[patches.positions[i, 0]]] for i in picks],
+            positions=np.concatenate(
+                [np.array([[row["patch_y"], row["patch_x"]] for row in old_rows]), patches.positions[picks, 1:]]
+            ),
+            probes=patches.full[probe_rows(n_patches, picks, config.seed)],
         )
         used, skipped = np.unique(patches.positions[:, 0]), patches.skipped
     del patches
@@ -264,7 +288,7 @@ def append_to_bank(
         "created": _now(),
         "package_version": __version__,
         "origin": f"append to {old}",
-        "coreset": {**old_coreset, "size": len(vectors), "patches": old_coreset["patches"] + n_patches},
+        "coreset": {**old_coreset, "size": len(contents.vectors), "patches": old_coreset["patches"] + n_patches},
         "index": {"type": config.index_type, "params": config.effective_index_params},
         "training_images": [
             *old_description["training_images"],
@@ -279,7 +303,7 @@ def append_to_bank(
     old_holdout = (old_description.get("thresholds") or {}).get("holdout", [])
     held_out = [(images[i], names[i]) for i in held_idx]
     collection, thresholds = _publish(
-        store, category, features, config, vectors, sources, positions, description, held_out, old_holdout, seconds
+        store, category, features, config, contents, description, held_out, old_holdout, seconds
     )
     return _summary(
         category,
@@ -295,7 +319,7 @@ def append_to_bank(
         coreset_size=len(picks),
         appended_to=old,
         far_patches=len(far),
-        bank_size=len(vectors),
+        bank_size=len(contents.vectors),
     )
 
 
@@ -347,36 +371,51 @@ def _publish(
     category: str,
     features: FeaturePipeline,
     config: Config,
-    vectors: np.ndarray,
-    sources: list[str],
-    positions: np.ndarray,
+    contents: BankContents,
     description: dict[str, Any],
     held_out: list[tuple[Path, str]],
     earlier_holdout: list[dict[str, Any]],
     seconds: dict[str, float],
 ) -> tuple[str, dict[str, Any]]:
-    """Store the vectors as a new version, calibrate its thresholds, verify it, then point the
-    category at it. On any failure the new version is dropped and the old one serves on."""
+    """Store the vectors as a new version, check its search against exact search, calibrate its
+    thresholds, verify it, then point the category at it. On any failure the new version is
+    dropped and the old one serves on."""
     t = time.perf_counter()
+    vectors = contents.vectors
     collection = store.create_version(category, features.dim)
     try:
         _say(config, f"milvus: inserting {len(vectors)} vectors into {collection}")
-        store.insert(collection, vectors, sources, positions)
+        store.insert(collection, vectors, contents.sources, contents.positions)
         _say(config, f"milvus: building the {config.index_type} index")
         store.build_index(collection, config.index_type, config.effective_index_params)
         seconds["milvus"] = time.perf_counter() - t
         t = time.perf_counter()
+        _say(config, f"milvus: checking the search on {len(contents.probes)} patches against exact search")
+        widths = choose_search_widths(
+            lambda queries, k, params: store.search(collection, queries, k, params),
+            vectors,
+            contents.probes,
+            config.index_type,
+            config.effective_index_params,
+            config.effective_search_params,
+            fixed=bool(config.search_params),
+            say=lambda message: _say(config, message),
+        )
+        description["search"] = widths.to_dict()
+        seconds["search check"] = time.perf_counter() - t
+        t = time.perf_counter()
+        exact = ExactSearch(vectors)
         description["thresholds"] = _calibrate_thresholds(
-            Bank(store, None, collection, description, features, config),
+            Bank.pinned(store, collection, description, features, config, lambda _, q, k, __: exact(q, k)),
+            Bank.pinned(store, collection, description, features, config),
             held_out,
             earlier_holdout,
-            config.threshold_sigma,
-            config.strict,
+            config,
         )
         seconds["thresholds"] = time.perf_counter() - t
         _say(config, f"milvus: verifying {collection}, then publishing it as {category}")
         store.write_description(collection, description)
-        store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=config.effective_search_params)
+        store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=widths.params)
         store.publish(category, collection, keep=config.keep_versions)
     except BaseException:
         store.drop_version(collection)
@@ -384,11 +423,18 @@ def _publish(
     return collection, description["thresholds"]
 
 
-def _calibrate_thresholds(
-    bank: Bank, held_out: list[tuple[Path, str]], earlier: list[dict[str, Any]], sigma: float, strict: bool
-) -> dict[str, Any]:
-    """Score the held-out good images against the new bank and derive both thresholds.
+# Largest relative difference allowed between a held-out image's score through Milvus and
+# through exact search (float32 rounding is about 1e-4 at these distances).
+SCORE_TOLERANCE = 1e-3
 
+
+def _calibrate_thresholds(
+    exact_bank: Bank, milvus_bank: Bank, held_out: list[tuple[Path, str]], earlier: list[dict[str, Any]], config: Config
+) -> dict[str, Any]:
+    """Score the held-out good images against the new version and derive both thresholds.
+
+    The thresholds come from exact search over the version's vectors; the same images scored
+    through Milvus must agree with it (`SCORE_TOLERANCE`), or the version is not published.
     `earlier`: held-out images of the bank this one grows (`append`): re-scored where their files
     are still at their recorded path, else their recorded scores stand (the bank only grew, so
     those can only be too high: the thresholds err on the side of fewer false alarms).
@@ -397,15 +443,25 @@ def _calibrate_thresholds(
     kept = [e for e in earlier if not Path(e.get("path", "")).is_file()]
     to_score = [*held_out, *rescored]
     entries, skipped = [], []
-    for (path, name), (_, result) in zip(to_score, bank.score_paths([path for path, _ in to_score])):
-        if isinstance(result, ImageError):
-            if strict:
-                raise result
-            skipped.append(str(result))
+    for start in range(0, len(to_score), config.batch_size):
+        batch = dict((str(path), name) for path, name in to_score[start : start + config.batch_size])
+        extracted = exact_bank.load_and_extract([Path(path) for path in batch])
+        for _, error in extracted.errors:
+            if config.strict:
+                raise error
+            skipped.append(str(error))
+        if not extracted.names:
             continue
-        score, map_max = round(result.image_score, 6), round(float(result.anomaly_map.max()), 6)
-        entries.append({"image": name, "path": str(path), "score": score, "map_max": map_max})
+        for exact, milvus in zip(exact_bank.score_extracted(extracted), milvus_bank.score_extracted(extracted)):
+            if abs(milvus.image_score - exact.image_score) > SCORE_TOLERANCE * max(1.0, exact.image_score):
+                raise StoreError(
+                    f"new bank version {milvus_bank.version} scores held-out image {exact.path} at "
+                    f"{milvus.image_score:.4f} through Milvus, {exact.image_score:.4f} by exact search; not published"
+                )
+            score, map_max = round(exact.image_score, 6), round(float(exact.anomaly_map.max()), 6)
+            entries.append({"image": batch[exact.path], "path": exact.path, "score": score, "map_max": map_max})
     entries += kept
+    sigma = config.threshold_sigma
     image = calibrate(np.array([e["score"] for e in entries]), sigma) if entries else None
     pixel = calibrate(np.array([e["map_max"] for e in entries]), sigma) if entries else None
     return {"image": image, "pixel": pixel, "rule": RULE, "sigma": sigma, "holdout": entries, "skipped": skipped}

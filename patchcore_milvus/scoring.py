@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,50 @@ def to_original_size(amap: torch.Tensor, preprocess: Preprocess, width: int, hei
     return resized[0, 0].numpy()
 
 
+# Patches per image settled in one round of `settle_largest`.
+SETTLE_PER_ROUND = 16
+
+
+def settle_largest(
+    distances: np.ndarray,
+    ids: np.ndarray,
+    patches: np.ndarray,
+    precise: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    per_round: int = SETTLE_PER_ROUND,
+) -> np.ndarray:
+    """Make each image's largest patch distance rest on a precise search, not an approximate one.
+
+    `distances`, `ids` (n images, p patches): each patch's approximate nearest bank vector, updated
+    in place; `patches` (n, p, dim); `precise(vectors) -> (distances, ids)`, each (m, 1).
+
+    An approximate search returns a real bank vector, so its distance can only be too large:
+    a patch not rechecked lies at most at its approximate distance. The image score,
+    max_p d(p), is therefore settled once the largest rechecked distance of an image is at least
+    every approximate distance left: round by round, the `per_round` largest unsettled patches of
+    each image are searched precisely (all images in one call), until that holds. Returns the
+    number of patches rechecked per image.
+    """
+    n, p = distances.shape
+    checked = np.zeros((n, p), dtype=bool)
+    while True:
+        settled = np.where(checked, distances, -np.inf).max(axis=1)
+        open_rows, open_cols = [], []
+        for i in range(n):
+            pending = np.flatnonzero(~checked[i] & (distances[i] > settled[i]))
+            if pending.size:
+                top = pending[np.argsort(-distances[i, pending], kind="stable")[:per_round]]
+                open_rows.append(np.full(top.size, i))
+                open_cols.append(top)
+        if not open_rows:
+            return checked.sum(axis=1)
+        rows, cols = np.concatenate(open_rows), np.concatenate(open_cols)
+        found, found_ids = precise(patches[rows, cols])
+        closer = found[:, 0] < distances[rows, cols]
+        distances[rows[closer], cols[closer]] = found[closer, 0]
+        ids[rows[closer], cols[closer]] = found_ids[closer, 0]
+        checked[rows, cols] = True
+
+
 def reweighting_factor(test_patch: np.ndarray, candidates: np.ndarray) -> float:
     """Weight of the image score, PatchCore eq. 7.
 
@@ -60,5 +106,7 @@ def reweighting_factor(test_patch: np.ndarray, candidates: np.ndarray) -> float:
     nominal feature far from its neighbours, so that a test patch close to such an outlier of
     the bank still scores high (the paper's argument for the re-weighting).
     """
+    if len(candidates) < 2:
+        raise ValueError("the re-weighting needs m* and at least one of its neighbours")
     distances = torch.from_numpy(np.linalg.norm(candidates - test_patch[None], axis=1).astype(np.float32))
     return float(1.0 - torch.softmax(distances, dim=0)[0])

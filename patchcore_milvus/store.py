@@ -13,6 +13,7 @@ properties (which Milvus 2.3 forgets on restart) it is stored like any other dat
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -23,10 +24,15 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from patchcore_milvus.errors import BankNotFoundError, StoreError, StoreUnavailableError
+from patchcore_milvus.errors import BankNotFoundError, StoreError, StoreUnavailableError, VersionGoneError
 
 if TYPE_CHECKING:
     from patchcore_milvus.config import Config
+
+log = logging.getLogger(__name__)
+# pymilvus logs a whole traceback for every failed call, retried or not (thousands of lines at a
+# station during an outage); this module turns each failure into one line of its own instead.
+logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 VECTOR_FIELD = "embedding"
 DESCRIPTION_FIELD = "description"
@@ -42,7 +48,18 @@ _SUFFIX_LENGTH = len("__v20260101T000000000000")
 # Faults that pass by themselves: the server is (re)starting or unreachable for a moment, or
 # reloading collections after a restart.
 _TRANSIENT_CODES = {2, 101}
-_TRANSIENT_WORDS = ("fail connecting", "unavailable", "not ready", "connection refused", "not loaded")
+_TRANSIENT_WORDS = (
+    "fail connecting",
+    "unavailable",
+    "not ready",
+    "connection refused",
+    "not loaded",
+    "channel not available",  # a stopping server (code 503)
+    "no available rootcoord",  # a stopping or starting server (code 65535)
+    "deadline exceeded",  # a frozen or overloaded server
+)
+_TRANSIENT_GRPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_MISSING_WORDS = ("not found", "not exist", "can't find")
 
 T = TypeVar("T")
 
@@ -79,9 +96,15 @@ def refusal(exc: BaseException) -> str | None:
     return None
 
 
-def is_transient(exc: Exception) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Whether retrying a failed call later may succeed."""
-    if not isinstance(exc, MilvusException) or refusal(exc):
+    if refusal(exc):
+        return False
+    if isinstance(exc, grpc.FutureTimeoutError):
+        return True
+    if isinstance(exc, grpc.RpcError):
+        return exc.code() in _TRANSIENT_GRPC
+    if not isinstance(exc, MilvusException):
         return False
     message = str(exc.message).lower()
     return (
@@ -89,6 +112,15 @@ def is_transient(exc: Exception) -> bool:
         or exc.code in _TRANSIENT_CODES
         or any(word in message for word in _TRANSIENT_WORDS)
     )
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a Milvus or gRPC failure."""
+    if isinstance(exc, MilvusException):
+        return f"{exc.message} (code {exc.code})"
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.details()} ({exc.code().name})"
+    return str(exc) or type(exc).__name__
 
 
 class BankStore:
@@ -123,9 +155,10 @@ class BankStore:
                     uri=uri, timeout=timeout, grpc_options=options, **(credentials or {}), **(tls or {})
                 ),
             )
-        except StoreError:
+        except StoreUnavailableError:
             raise
-        except Exception as exc:  # pymilvus and milvus-lite raise several types here
+        except Exception as error:  # pymilvus and milvus-lite raise several types here
+            exc = error.__cause__ if isinstance(error, StoreError) and error.__cause__ else error
             reason = refusal(exc)
             if reason:
                 raise StoreError(
@@ -156,14 +189,33 @@ class BankStore:
         self.client.close()
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, retried with backoff while its failure is transient; every failure ends as
+        one of this project's errors: StoreUnavailableError (retry later), VersionGoneError, or
+        StoreError (refused)."""
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.25
+        attempt = 0
         while True:
+            attempt += 1
             try:
                 return call()
-            except MilvusException as exc:
+            except (MilvusException, grpc.RpcError, grpc.FutureTimeoutError) as exc:
                 if not is_transient(exc):
-                    raise
+                    reason = _reason(exc)
+                    code = exc.code if isinstance(exc, MilvusException) else None
+                    message = f"Milvus at {self.uri} refused {what}: {reason}"
+                    lowered = reason.lower()
+                    if code == 100 or ("collection" in lowered and any(w in lowered for w in _MISSING_WORDS)):
+                        raise VersionGoneError(message, code=code) from exc
+                    raise StoreError(message, code=code) from exc
+                if attempt == 1:
+                    log.warning(
+                        "Milvus at %s: %s failed (%s); retrying for up to %.0f s",
+                        self.uri,
+                        what,
+                        _reason(exc),
+                        self.retry_seconds,
+                    )
                 if time.monotonic() + delay > deadline:
                     hint = "Is the server up? Later calls retry by themselves."
                     if what == "connect" and not self.is_lite:
@@ -172,7 +224,7 @@ class BankStore:
                             "options (tls_ca_cert, tls_server_name) match the server's?"
                         )
                     raise StoreUnavailableError(
-                        f"Milvus at {self.uri} kept failing ({what}) for {self.retry_seconds:.0f} s: {exc.message}. "
+                        f"Milvus at {self.uri} kept failing ({what}) for {self.retry_seconds:.0f} s: {_reason(exc)}. "
                         f"{hint}"
                     ) from exc
                 time.sleep(delay)
@@ -221,7 +273,10 @@ class BankStore:
         """Flush (unflushed rows would be searched by brute force), index, load."""
         self._call("flush", collection, timeout=self.index_timeout)
         index = self.client.prepare_index_params()
-        index.add_index(VECTOR_FIELD, index_type=index_type, metric_type="L2", params=params)
+        # As one JSON "params" entry: pymilvus 3 would send each parameter as its own key, which
+        # Milvus Lite 3.2 ignores (it built IVF with its default nlist and HNSW with its default M
+        # whatever was asked); Milvus servers read both forms.
+        index.add_index(VECTOR_FIELD, index_type=index_type, metric_type="L2", params={"params": params})
         self._call("create_index", collection, index, timeout=self.index_timeout)
         self.ensure_loaded(collection)
 
@@ -304,7 +359,9 @@ class BankStore:
         """The alias' target in one call, for stations checking before each batch."""
         try:
             return self._call("describe_alias", category)["collection_name"]
-        except MilvusException:
+        except StoreUnavailableError:
+            raise
+        except StoreError:
             return self.resolve(category)
 
     def resolve(self, category: str) -> str:
@@ -336,10 +393,12 @@ class BankStore:
         """None for a version that never got its description (its ingest was interrupted)."""
         try:
             self.ensure_loaded(collection)
-        except MilvusException as exc:
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:
             # No index yet: interrupted before indexing. Any other failure is not a verdict on the
             # version (publish would drop it as incomplete), so it is raised.
-            if exc.code == 700 or "index" in str(exc.message).lower():
+            if exc.code == 700 or "index" in str(exc).lower():
                 return None
             raise
         if not self._call("has_partition", collection, DESCRIPTION_PARTITION):
@@ -370,8 +429,12 @@ class BankStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Nearest bank rows of each vector: (Euclidean distances, ids), each (n, top_k).
 
-        Milvus reports squared L2; the square root turns it into PatchCore's distance.
+        Milvus reports squared L2; the square root turns it into PatchCore's distance. An HNSW
+        search explores at least `top_k` candidates (Milvus refuses ef < top_k, and Milvus
+        Lite would return fewer hits). Queries without a hit keep distance inf and id -1.
         """
+        if "ef" in search_params:
+            search_params = {**search_params, "ef": max(int(search_params["ef"]), top_k)}
         squared = np.full((len(vectors), top_k), np.inf, dtype=np.float32)
         ids = np.full((len(vectors), top_k), -1, dtype=np.int64)
         for start in range(0, len(vectors), MAX_NQ):

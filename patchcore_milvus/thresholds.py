@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from patchcore_milvus.errors import CalibrationError
+
 RULE = "mean + sigma * std over held-out good images, at least their maximum"
 
 
@@ -18,8 +20,13 @@ def calibrate(values: np.ndarray, sigma: float) -> float:
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise ValueError("calibration needs at least one held-out score")
+    if not np.isfinite(values).all() or not np.isfinite(sigma):
+        raise CalibrationError(f"held-out scores {values.tolist()} and margin {sigma} must be finite numbers")
     spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return float(max(values.mean() + sigma * spread, values.max()))
+    threshold = float(max(values.mean() + sigma * spread, values.max()))
+    if not np.isfinite(threshold):
+        raise CalibrationError(f"threshold_sigma {sigma} makes the threshold {threshold}; use a smaller margin")
+    return threshold
 
 
 def holdout_split(n_images: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,14 +68,27 @@ def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Im
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """File-name stems unique among `paths`: the path below their common folder, '/' -> '_'.
+    """File-name stems, one per input and all different: the path below the inputs' common
+    folder without its suffix, parts joined by '_' (`test/good/000.png` -> `good_000`).
 
-    Built from path parts only, never containing a separator, so no input name can make
-    an output land outside the output folder.
+    Where two inputs would share a stem (`img.png` beside `img.jpg`, `a_b/c.png` beside
+    `a/b_c.png`), theirs keep the suffix and join parts with '__' (`img.png`, `a_b__c.png`);
+    whatever still collides (the same file given twice) gets `-2`, `-3`, in input order. Built
+    from path parts only, never containing a separator, so no input name can make an output land
+    outside the output folder. Symbolic links are not followed: the name given is the name used.
     """
-    resolved = [p.resolve() for p in paths]
-    common = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path("/")
-    return ["_".join(p.relative_to(common).with_suffix("").parts) for p in resolved]
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in absolute])) if absolute else Path("/")
+    relative = [p.relative_to(common) for p in absolute]
+    plain = ["_".join(r.with_suffix("").parts) for r in relative]
+    counts = Counter(plain)
+    stems = [stem if counts[stem] == 1 else "__".join(r.parts) for stem, r in zip(plain, relative)]
+    seen: Counter[str] = Counter()
+    unique = []
+    for stem in stems:
+        seen[stem] += 1
+        unique.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return unique
 
 
 def save_atomically(target: Path, write: Callable[[str], object]) -> None:
