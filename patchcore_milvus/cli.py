@@ -225,11 +225,18 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, appen
 
 
 def _expand(inputs: tuple[Path, ...]) -> list[Path]:
-    from patchcore_milvus.images import list_images
+    """Files as given, folders searched recursively (sorted)."""
+    from patchcore_milvus.images import IMAGE_SUFFIXES, list_images
 
     paths: list[Path] = []
     for item in inputs:
-        paths.extend(list_images(item) if item.is_dir() else [item])
+        if item.is_dir():
+            found = list_images(item, recursive=True)
+            if not found:
+                raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {item}")
+            paths.extend(found)
+        else:
+            paths.append(item)
     return paths
 
 
@@ -245,7 +252,7 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead of text lines.")
 @config_options(*SCORING)
 def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json: bool, config: Config) -> None:
-    """Score images (files or folders) against CATEGORY's bank: score, verdict, map, mask."""
+    """Score images (files, or folders searched recursively) against CATEGORY's bank: score, verdict, map, mask."""
     from patchcore_milvus.bank import Bank
     from patchcore_milvus.visualize import output_stems, write_outputs
 

@@ -19,11 +19,13 @@ NORMALIZATION_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, fl
 }
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted so that runs are reproducible."""
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files inside `folder` (and its subfolders if `recursive`), sorted so that runs are
+    reproducible."""
     if not folder.is_dir():
         raise ImageError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 # Fewer pixels than this on a side carry less detail than the patch grid of a 256 px input (32).

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from patchcore_milvus import __version__
-from patchcore_milvus.ann_check import PROBE_PATCHES, choose_search_widths
+from patchcore_milvus.ann_check import PROBE_PATCHES, SearchWidths, choose_search_widths
 from patchcore_milvus.bank import Bank, check_extractor
 from patchcore_milvus.config import Config
 from patchcore_milvus.coreset import (
@@ -47,6 +47,7 @@ class IngestSummary:
     image_threshold: float | None
     pixel_threshold: float | None
     seconds: dict[str, float]
+    search: SearchWidths  # as measured against exact search before publishing
     skipped: list[str] = field(default_factory=list)  # unusable files left out, with the reason
     # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now.
     appended_to: str | None = None
@@ -72,9 +73,15 @@ class IngestSummary:
             f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds"
             + (f", {len(self.skipped)} unusable files skipped" if self.skipped else ""),
             bank,
+            f"search: {_params(self.search.params)} (recall@1 {self.search.recall_at_1:.4f} against exact search on "
+            f"{self.search.probes} patches), worst patches rechecked at {_params(self.search.recheck)}",
             f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}",
             f"time: {stages}",
         ]
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in params.items())
 
 
 @dataclass
@@ -214,17 +221,17 @@ def fit_bank(
         "training_images": [{"root": str(root), "bank": [names[bank_idx[i]] for i in used]}],
     }
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection, thresholds = _publish(store, category, features, config, contents, description, held_out, [], seconds)
+    collection = _publish(store, category, features, config, contents, description, held_out, [], seconds)
     return _summary(
         category,
         collection,
         features,
         config,
-        thresholds,
+        description,
         seconds,
         skipped,
         images=len(used),
-        holdout_images=len(thresholds["holdout"]),
+        holdout_images=len(description["thresholds"]["holdout"]),
         patches=n_patches,
         coreset_size=int(size),
     )
@@ -302,19 +309,17 @@ def append_to_bank(
     }
     old_holdout = (old_description.get("thresholds") or {}).get("holdout", [])
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection, thresholds = _publish(
-        store, category, features, config, contents, description, held_out, old_holdout, seconds
-    )
+    collection = _publish(store, category, features, config, contents, description, held_out, old_holdout, seconds)
     return _summary(
         category,
         collection,
         features,
         config,
-        thresholds,
+        description,
         seconds,
         skipped,
         images=len(used),
-        holdout_images=len(thresholds["holdout"]) - len(old_holdout),
+        holdout_images=len(description["thresholds"]["holdout"]) - len(old_holdout),
         patches=n_patches,
         coreset_size=len(picks),
         appended_to=old,
@@ -347,12 +352,13 @@ def _summary(
     collection: str,
     features: FeaturePipeline,
     config: Config,
-    thresholds: dict[str, Any],
+    description: dict[str, Any],
     seconds: dict[str, float],
     skipped: list[str],
     **counts: Any,
 ) -> IngestSummary:
     """What fit_bank and append_to_bank report alike; `counts` holds what differs."""
+    thresholds = description["thresholds"]
     return IngestSummary(
         category=category,
         collection=collection,
@@ -361,6 +367,7 @@ def _summary(
         image_threshold=thresholds["image"],
         pixel_threshold=thresholds["pixel"],
         seconds=seconds,
+        search=SearchWidths.from_dict(description["search"]),
         skipped=skipped + thresholds["skipped"],
         **counts,
     )
@@ -376,10 +383,10 @@ def _publish(
     held_out: list[tuple[Path, str]],
     earlier_holdout: list[dict[str, Any]],
     seconds: dict[str, float],
-) -> tuple[str, dict[str, Any]]:
+) -> str:
     """Store the vectors as a new version, check its search against exact search, calibrate its
-    thresholds, verify it, then point the category at it. On any failure the new version is
-    dropped and the old one serves on."""
+    thresholds (both recorded in `description`), verify it, then point the category at it. On
+    any failure the new version is dropped and the old one serves on."""
     t = time.perf_counter()
     vectors = contents.vectors
     collection = store.create_version(category, features.dim)
@@ -420,7 +427,7 @@ def _publish(
     except BaseException:
         store.drop_version(collection)
         raise
-    return collection, description["thresholds"]
+    return collection
 
 
 # Largest relative difference allowed between a held-out image's score through Milvus and

@@ -14,6 +14,16 @@ from patchcore_milvus.config import Config
 
 torch.set_num_threads(2)
 
+BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"  # ../shared beside the repo
+
+
+@pytest.fixture(scope="session")
+def bottle_root() -> Path:
+    """MVTec AD bottle, or a skip that says where it was looked for."""
+    if not (BOTTLE / "train" / "good").is_dir():
+        pytest.skip(f"MVTec AD bottle not found at {BOTTLE} (see ../shared/data/README.md)")
+    return BOTTLE
+
 
 def textured_image(seed: int, size: int = 96, defect: bool = False) -> Image.Image:
     """A regular stripe texture with slight noise; a `defect` is a bright square blob."""

@@ -130,6 +130,13 @@ class MilvusTestServer:
             process.wait(timeout=30)
         self.server.stop()
 
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing, like a hung machine."""
+        os.kill(self.server.server_proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.server.server_proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Graceful stop; whatever is left is killed, so no server outlives the tests."""
         process = self.server.server_proc

@@ -80,6 +80,27 @@ def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
     assert overlay.width == 2 * 96 and overlay.height > 96
 
 
+def test_outputs_of_inputs_with_similar_names_never_overwrite_each_other(ingested: str, tmp_path: Path):
+    inputs = tmp_path / "in"
+    for folder in ("same", "a_b", "a"):
+        (inputs / folder).mkdir(parents=True)
+    textured_image(100).save(inputs / "same" / "img.png")  # good
+    textured_image(101, defect=True).save(inputs / "same" / "img.jpg", quality=95)  # defect, same stem
+    textured_image(102).save(inputs / "a_b" / "c.png")  # a_b/c and a/b_c both flatten to a_b_c
+    textured_image(103, defect=True).save(inputs / "a" / "b_c.png")
+    out = tmp_path / "out"
+    result = query(ingested, "--json", "--out", str(out), str(inputs))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.output.splitlines()]
+    files = [name for record in records for name in record["files"]]
+    assert len(records) == 4 and len(set(files)) == len(files) == 12
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(f).name for f in files)  # each one still there
+    by_input = {Path(r["path"]).relative_to(inputs).as_posix(): r for r in records}
+    defect_map = np.load(next(f for f in by_input["same/img.jpg"]["files"] if f.endswith("_map.npy")))
+    good_map = np.load(next(f for f in by_input["same/img.png"]["files"] if f.endswith("_map.npy")))
+    assert defect_map.max() > 2 * good_map.max()  # the defect's files are the defect's
+
+
 def test_query_text_lines_and_a_bad_file(ingested: str, tmp_path: Path):
     textured_image(100).save(tmp_path / "good.png")
     (tmp_path / "empty.png").write_bytes(b"")

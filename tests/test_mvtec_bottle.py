@@ -15,10 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bottle_bank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config]:
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"  # ../shared beside the repo
-    if not (root / "train" / "good").is_dir():
-        pytest.skip(f"MVTec AD bottle not found at {root} (see ../shared/data/README.md)")
+def bottle_bank(tmp_path_factory: pytest.TempPathFactory, bottle_root: Path) -> tuple[Path, Config]:
+    root = bottle_root
     config = Config(uri=str(tmp_path_factory.mktemp("bottle") / "bottle.db"), progress=False)
     # Every second training image: the default configuration on half the data.
     summary = fit_bank("bottle", list_images(root / "train" / "good")[::2], config, root=root)
