@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 import yaml
 
 from patchcore_milvus import __version__
@@ -120,6 +119,8 @@ def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             overrides = {name: kwargs.pop(name) for name in names}
             kwargs["config"] = load_config(kwargs.pop("config_file"), **overrides)
+            import torch  # here, not at the top: `--help` and `config show` need no torch
+
             torch.set_num_threads(kwargs["config"].num_threads or os.cpu_count() or 1)
             return command(*args, **kwargs)
 

@@ -41,7 +41,7 @@ BANK_PARTITION = "_default"
 DESCRIPTION_CHUNK = 60000  # characters of ASCII JSON per row, under Milvus' 65,535-byte VARCHAR limit
 INSERT_BYTES = 32 * 1024 * 1024  # well under Milvus' 64 MiB message limit
 MAX_NQ = 16384  # Milvus' limit on queries per search call
-_NAME_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_RULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # matched whole (fullmatch): "$" would let a final newline in
 _VERSION_SUFFIX = re.compile(r"^(?P<category>.+)__v(?P<stamp>\d{8}T\d{12})$")
 _MAX_NAME = 255
 _SUFFIX_LENGTH = len("__v20260101T000000000000")
@@ -66,7 +66,7 @@ T = TypeVar("T")
 
 def validate_category(name: str) -> str:
     """Category names become Milvus collection names and aliases, and must obey their rule."""
-    if not _NAME_RULE.match(name) or "__v" in name or len(name) > _MAX_NAME - _SUFFIX_LENGTH:
+    if not _NAME_RULE.fullmatch(name) or "__v" in name or len(name) > _MAX_NAME - _SUFFIX_LENGTH:
         raise StoreError(
             f"invalid category name {name!r}: it must start with a letter or underscore, contain only "
             f"letters, digits and underscores (Milvus' rule for collection names), not contain '__v', "
