@@ -72,11 +72,12 @@ class SearchWidths:
 
 
 def recheck_params(index_type: str, index_params: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A much wider search than `params`: HNSW at 16 times the ef (at least `RECHECK_MIN_EF`),
-    IVF over every list (exhaustive, so exact up to the quantisation of IVF_SQ8)."""
+    """A much wider search than `params`: HNSW at 4 times the ef (at least `RECHECK_MIN_EF`),
+    IVF over every list (exhaustive, so exact up to the quantisation of IVF_SQ8). Ingest widens it further
+    where it misses a probe."""
     [(name, value)] = params.items()
     if name == "ef":
-        return {"ef": min(SEARCH_PARAM_RULES[index_type]["ef"][1], max(RECHECK_MIN_EF, 16 * value))}
+        return {"ef": min(SEARCH_PARAM_RULES[index_type]["ef"][1], max(RECHECK_MIN_EF, 4 * value))}
     return {"nprobe": _nlist(index_type, index_params)}
 
 

@@ -47,7 +47,7 @@ class IngestSummary:
     image_threshold: float | None
     pixel_threshold: float | None
     seconds: dict[str, float]
-    search: SearchWidths  # as measured against exact search before publishing
+    search: SearchWidths | None  # as measured against exact search before publishing; None if nothing was
     skipped: list[str] = field(default_factory=list)  # unusable files left out, with the reason
     # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now.
     appended_to: str | None = None
@@ -59,6 +59,13 @@ class IngestSummary:
             return "none (no held-out images)" if value is None else f"{value:.4f}"
 
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        if self.search is None:  # an append that found nothing new
+            return [
+                *(f"skipped {reason}" for reason in self.skipped),
+                f"nothing to add: all {self.patches} new patches lie within the covering radius of "
+                f"{self.collection}, which stays as it is (no new version)",
+                f"time: {stages}",
+            ]
         if self.appended_to is None:
             bank = f"patches: {self.patches}, coreset: {self.coreset_size} x {self.dim} dims, index {self.index}"
         else:
@@ -274,7 +281,28 @@ def append_to_bank(
         nearest = _nearest_squared(patches.projected, old_projected)
         radius = float(old_coreset["radius"])
         n_patches = len(patches.positions)
-        far = (nearest > radius**2).nonzero().squeeze(1)
+        # Beyond the radius by more than float32 rounding: the patch that defines the radius, extracted
+        # again in another batch and measured by another routine, lands a hair either side of it.
+        far = (nearest > radius**2 * (1 + RADIUS_TOLERANCE)).nonzero().squeeze(1)
+        if len(far) == 0:
+            seconds["coreset"] = time.perf_counter() - t
+            return IngestSummary(
+                category=category,
+                collection=old,
+                images=len(np.unique(patches.positions[:, 0])),
+                holdout_images=len(held_idx),
+                patches=n_patches,
+                coreset_size=0,
+                dim=features.dim,
+                index=old_description["index"]["type"],
+                image_threshold=(old_description.get("thresholds") or {}).get("image"),
+                pixel_threshold=(old_description.get("thresholds") or {}).get("pixel"),
+                seconds=seconds,
+                search=None,
+                skipped=patches.skipped,
+                appended_to=old,
+                bank_size=len(old_rows),
+            )
         limit = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
         picks = far[torch.as_tensor(extend_coreset(patches.projected[far], nearest[far], radius, limit))].numpy()
         seconds["coreset"] = time.perf_counter() - t
@@ -429,6 +457,9 @@ def _publish(
         raise
     return collection
 
+
+# Relative slack on the squared covering radius when deciding which new patches lie outside it.
+RADIUS_TOLERANCE = 1e-3
 
 # Largest relative difference allowed between a held-out image's score through Milvus and
 # through exact search (float32 rounding is about 1e-4 at these distances).

@@ -177,6 +177,23 @@ def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Conf
     assert again.coreset_size < 0.1 * summary.coreset_size + 2
 
 
+def test_append_of_images_the_bank_already_covers_adds_nothing_and_keeps_the_version(
+    fitted: Config, good_folder: Path, tmp_path: Path
+):
+    from patchcore_milvus.ingest import append_to_bank
+
+    store = BankStore(fitted.uri)
+    current = store.resolve("texture")
+    known = tmp_path / "known"  # three of the bank's own images: no patch lies outside its radius
+    known.mkdir()
+    for name in store.read_description(current)["training_images"][0]["bank"][:3]:
+        (known / name).write_bytes((good_folder / name).read_bytes())
+    summary = append_to_bank("texture", list_images(known), fitted.replace(holdout_ratio=0.0), store=store)
+    assert summary.coreset_size == 0 and summary.collection == current
+    assert summary.lines()[0].startswith(f"nothing to add: all {summary.patches} new patches")
+    assert store.resolve("texture") == current and len(store.versions("texture")) == 1
+
+
 def test_append_refuses_another_extractor(fitted: Config, good_folder: Path):
     from patchcore_milvus.ingest import append_to_bank
 
