@@ -16,34 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from patchcore_milvus import Bank, Config, fit_bank
+from patchcore_milvus.evaluate import resize_map
 from patchcore_milvus.images import list_images
+from patchcore_milvus.mvtec import GOOD, ground_truth, labelled_test_images, train_folder
 
 PIXEL_GRID = 256
 
 
-def ground_truth(root: Path, image: Path) -> np.ndarray:
-    mask_path = root / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
-    if not mask_path.exists():
-        return np.zeros((PIXEL_GRID, PIXEL_GRID), dtype=bool)
-    return np.asarray(Image.open(mask_path).resize((PIXEL_GRID, PIXEL_GRID), Image.Resampling.NEAREST)) > 0
-
-
 def evaluate(root: Path, config: Config, category: str) -> dict[str, float]:
     started = time.perf_counter()
-    summary = fit_bank(category, list_images(root / "train" / "good"), config, root=root)
+    summary = fit_bank(category, list_images(train_folder(root.parent, root.name)), config, root=root)
     fit_seconds = time.perf_counter() - started
-    test_images = [p for folder in sorted((root / "test").iterdir()) for p in list_images(folder)]
+    test_images = labelled_test_images(root)
     labels, scores, pixel_labels, pixel_scores = [], [], [], []
-    for path, result in Bank.open(category, config).score_paths(test_images):
-        labels.append(int(path.parent.name != "good"))
+    results = Bank.open(category, config).score_paths([image.path for image in test_images])
+    for image, (_, result) in zip(test_images, results):
+        labels.append(int(image.defect != GOOD))
         scores.append(result.image_score)
-        amap = Image.fromarray(result.anomaly_map).resize((PIXEL_GRID, PIXEL_GRID), Image.Resampling.BILINEAR)
-        pixel_scores.append(np.asarray(amap).ravel())
-        pixel_labels.append(ground_truth(root, path).ravel())
+        pixel_scores.append(resize_map(result.anomaly_map, PIXEL_GRID).ravel())
+        pixel_labels.append(ground_truth(image, PIXEL_GRID).ravel())
     return {
         "image_auroc": roc_auc_score(labels, scores),
         "pixel_auroc": roc_auc_score(np.concatenate(pixel_labels), np.concatenate(pixel_scores)),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,6 @@ import yaml
 
 from patchcore_milvus import __version__
 from patchcore_milvus.config import (
-    BACKBONES,
-    INDEX_TYPES,
-    NORMALIZATIONS,
     PASSWORD_ENV,
     TOKEN_ENV,
     USER_ENV,
@@ -27,54 +26,28 @@ from patchcore_milvus.config import (
 )
 from patchcore_milvus.errors import ImageError, PatchcoreMilvusError
 
-# Flags shared by several commands, each named after its config option (dashes for underscores).
-_OPTIONS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
-    "uri": click.option("--uri", help="Milvus Lite file (*.db) or http(s)://host:port of a Milvus server."),
-    "backbone": click.option("--backbone", type=click.Choice(BACKBONES), help="Pretrained CNN."),
-    "weights": click.option("--weights", help="Backbone weights file (state dict), or 'random' for tests."),
-    "image_size": click.option("--image-size", type=int, help="Images are resized to this square size."),
-    "center_crop": click.option("--center-crop", type=int, help="Centre crop after resizing (default: none)."),
-    "normalization": click.option("--normalization", type=click.Choice(NORMALIZATIONS), help="Input statistics."),
-    "target_dim": click.option("--target-dim", type=int, help="Pool patch features to this many dims."),
-    "coreset_ratio": click.option("--coreset-ratio", type=float, help="Fraction of patches kept in the bank."),
-    "coreset_size": click.option("--coreset-size", type=int, help="Absolute coreset size (wins over ratio)."),
-    "index_type": click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), help="Milvus index type."),
-    "holdout_ratio": click.option("--holdout-ratio", type=float, help="Good images held out for thresholds."),
-    "threshold_sigma": click.option("--threshold-sigma", type=float, help="Threshold margin in std devs."),
-    "image_threshold": click.option("--image-threshold", type=float, help="Override the stored image threshold."),
-    "pixel_threshold": click.option("--pixel-threshold", type=float, help="Override the stored pixel threshold."),
-    "reweight": click.option("--reweight/--no-reweight", default=None, help="Image-score re-weighting (eq. 7)."),
-    "batch_size": click.option("--batch-size", type=int, help="Images per batch."),
-    "num_threads": click.option("--num-threads", type=int, help="CPU threads for torch (default: all cores)."),
-    "progress": click.option("--progress/--no-progress", default=None, help="Progress bars."),
-    "milvus_timeout": click.option("--milvus-timeout", type=float, help="Seconds any Milvus call may take."),
-    "tls_ca_cert": click.option("--tls-ca-cert", help="PEM certificate (CA or server) to trust for https:// URIs."),
-    "tls_server_name": click.option("--tls-server-name", help="Name on the server's TLS certificate."),
-    "strict": click.option(
-        "--strict/--skip-bad", default=None, help="Stop at the first unusable image (default: skip it, say why)."
-    ),
-    "keep_versions": click.option("--keep-versions", type=int, help="Bank versions kept per category."),
-    "projection_dim": click.option("--projection-dim", type=int, help="Coreset random projection dims."),
-    "seed": click.option("--seed", type=int, help="Seed of projection, coreset start and hold-out split."),
-    "reweight_neighbors": click.option("--reweight-neighbors", type=int, help="b in the re-weighting."),
-    "blur_sigma": click.option("--blur-sigma", type=float, help="Map blur sigma at 256 px (scaled with size)."),
-    "index_params": click.option(
-        "--index-param",
-        "index_params",
-        multiple=True,
-        callback=lambda c, p, v: _pairs(v),
-        metavar="KEY=VALUE",
-        help="Index build parameter, e.g. M=32 (repeatable).",
-    ),
-    "search_params": click.option(
-        "--search-param",
-        "search_params",
-        multiple=True,
-        callback=lambda c, p, v: _pairs(v),
-        metavar="KEY=VALUE",
-        help="Search parameter, e.g. ef=128 (repeatable).",
-    ),
-}
+
+def _flag(option: dataclasses.Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The command-line flag of a Config option, from its field: named after it (dashes for
+    underscores) unless it says otherwise, typed after its annotation, with its help text."""
+    meta = option.metadata
+    name = meta["flag"] or "--" + option.name.replace("_", "-")
+    kind = typing.get_type_hints(Config)[option.name]
+    if meta["pairs"]:
+        return click.option(
+            name, option.name, multiple=True, callback=lambda c, p, v: _pairs(v), metavar="KEY=VALUE", help=meta["help"]
+        )
+    if kind is bool:
+        name = name if "/" in name else f"{name}/--no-{name.removeprefix('--')}"
+        return click.option(name, option.name, default=None, help=meta["help"])
+    if meta["choices"]:
+        return click.option(name, option.name, type=click.Choice(meta["choices"]), help=meta["help"])
+    base = next((t for t in (int, float) if t in (kind, *typing.get_args(kind))), str)
+    return click.option(name, option.name, type=base, help=meta["help"])
+
+
+# Every option's flag, named after its config option; commands pick the ones they use.
+_OPTIONS = {option.name: _flag(option) for option in dataclasses.fields(Config)}
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
@@ -93,7 +66,16 @@ def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
 EXTRACTOR = ["backbone", "weights", "image_size", "center_crop", "normalization", "target_dim"]
 
 # Reaching Milvus.
-CONNECTION = ["uri", "milvus_timeout", "tls_ca_cert", "tls_server_name"]
+CONNECTION = [
+    "uri",
+    "milvus_timeout",
+    "index_timeout",
+    "retry_seconds",
+    "tls_ca_cert",
+    "tls_client_cert",
+    "tls_client_key",
+    "tls_server_name",
+]
 
 # What scoring against an existing bank takes (query, evaluate).
 SCORING = [
@@ -203,18 +185,14 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, appen
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
     from patchcore_milvus.images import list_images
     from patchcore_milvus.ingest import append_to_bank, fit_bank
+    from patchcore_milvus.mvtec import train_folder
     from patchcore_milvus.store import validate_category
 
     validate_category(category)
     if images_dir is None:
         if data_root is None:
             raise click.UsageError("give DATA_ROOT (MVTec AD layout) or --images DIR")
-        images_dir = data_root / category / "train" / "good"
-        if not images_dir.is_dir():
-            raise ImageError(
-                f"{images_dir} does not exist: DATA_ROOT must hold <category>/train/good/ (the MVTec AD layout); "
-                "for any other folder of good images use --images DIR"
-            )
+        images_dir = train_folder(data_root, category)
         root = data_root / category
     else:
         root = images_dir

@@ -53,66 +53,83 @@ USER_ENV = "MILVUS_USER"
 PASSWORD_ENV = "MILVUS_PASSWORD"
 
 
+def _metadata(
+    help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, pairs: bool = False
+) -> dict[str, Any]:
+    """What an option's command-line flag needs: `help`, allowed `choices`, a `flag` name other
+    than --the-option-name, `pairs` for repeatable KEY=VALUE flags."""
+    return {"help": help, "choices": choices, "flag": flag, "pairs": pairs}
+
+
+def _option(default: Any, help: str, **flag: Any) -> Any:
+    """A Config field and its flag's description (see `_metadata`)."""
+    return field(default=default, metadata=_metadata(help, **flag))
+
+
 @dataclass(frozen=True)
 class Config:
     """Every option of ingest and query. Defaults are the documented configuration."""
 
-    # Where the banks live: a Milvus Lite file (*.db) or http(s)://host:port of a server.
-    uri: str = "./patchcore_milvus.db"
-    # Seconds any single Milvus call may take before it fails; index building and loading get
-    # `index_timeout`. Transient faults (server restarting, unreachable) are retried with backoff
-    # for `retry_seconds` before the error is reported.
-    milvus_timeout: float = 60.0
-    index_timeout: float = 3600.0
-    retry_seconds: float = 30.0
-    # TLS for https:// URIs: a CA (or self-signed server) certificate to trust, a client
-    # certificate and key for mutual TLS, and the name the server certificate was issued to.
-    tls_ca_cert: str | None = None
-    tls_client_cert: str | None = None
-    tls_client_key: str | None = None
-    tls_server_name: str | None = None
-    # Bank versions kept per category (the current one included), for `rollback`.
-    keep_versions: int = 3
+    # Each option's help (`_option`) is also its command-line flag's help: one definition.
+    uri: str = _option("./patchcore_milvus.db", "Milvus Lite file (*.db) or http(s)://host:port of a Milvus server.")
+    # Transient faults (server restarting, unreachable) are retried with backoff for
+    # `retry_seconds` before the error is reported.
+    milvus_timeout: float = _option(60.0, "Seconds any Milvus call may take.")
+    index_timeout: float = _option(3600.0, "Seconds flushing, index building and loading may take.")
+    retry_seconds: float = _option(30.0, "Seconds transient Milvus faults are retried, with backoff.")
+    tls_ca_cert: str | None = _option(None, "PEM certificate (CA or server) to trust for https:// URIs.")
+    tls_client_cert: str | None = _option(None, "Mutual TLS: this station's PEM certificate.")
+    tls_client_key: str | None = _option(None, "Mutual TLS: this station's PEM key.")
+    tls_server_name: str | None = _option(None, "Name on the server's TLS certificate.")
+    keep_versions: int = _option(3, "Bank versions kept per category (the current one included).")
 
-    # Feature extractor. `weights`: null = the backbone's standard source, a file path,
-    # or "random" (seeded random weights, for tests only).
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    image_size: int = 256
-    center_crop: int | None = None
-    normalization: str = "imagenet"
-    target_dim: int | None = None
+    # Feature extractor.
+    backbone: str = _option("efficientnet_lite0", "Pretrained CNN.", choices=BACKBONES)
+    weights: str | None = _option(None, "Backbone weights file (state dict), or 'random' for tests.")
+    image_size: int = _option(256, "Images are resized to this square size.")
+    center_crop: int | None = _option(None, "Centre crop after resizing (default: none).")
+    normalization: str = _option("imagenet", "Input statistics.", choices=NORMALIZATIONS)
+    target_dim: int | None = _option(None, "Pool patch features to this many dims.")
 
     # Coreset: `coreset_size` (an absolute count) wins over `coreset_ratio`.
-    coreset_ratio: float = 0.1
-    coreset_size: int | None = None
-    projection_dim: int = 128
-    seed: int = 0
+    coreset_ratio: float = _option(0.1, "Fraction of patches kept in the bank.")
+    coreset_size: int | None = _option(None, "Absolute coreset size (wins over ratio).")
+    projection_dim: int = _option(128, "Coreset random projection dims.")
+    seed: int = _option(0, "Seed of projection, coreset start and hold-out split.")
 
     # Milvus index; empty index params take the defaults for the index type. Empty search params
     # take the bank's own, chosen and checked against exact search at ingest.
-    index_type: str = "HNSW"
-    index_params: dict[str, Any] = field(default_factory=dict)
-    search_params: dict[str, Any] = field(default_factory=dict)
+    index_type: str = _option("HNSW", "Milvus index type.", choices=INDEX_TYPES, flag="--index")
+    index_params: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_metadata("Index build parameter, e.g. M=32 (repeatable).", flag="--index-param", pairs=True),
+    )
+    search_params: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_metadata(
+            "Search parameter, e.g. ef=128 (repeatable; default: the bank's own).", flag="--search-param", pairs=True
+        ),
+    )
 
     # Scoring.
-    reweight: bool = True
-    reweight_neighbors: int = 9
-    blur_sigma: float = 4.0
+    reweight: bool = _option(True, "Image-score re-weighting (eq. 7).")
+    reweight_neighbors: int = _option(9, "b in the re-weighting.")
+    blur_sigma: float = _option(4.0, "Map blur sigma at 256 px (scaled with size).")
 
     # Thresholds: calibrated on held-out good images at ingest unless given here.
-    holdout_ratio: float = 0.1
-    threshold_sigma: float = 4.0
-    image_threshold: float | None = None
-    pixel_threshold: float | None = None
+    holdout_ratio: float = _option(0.1, "Good images held out for thresholds.")
+    threshold_sigma: float = _option(4.0, "Threshold margin in std devs.")
+    image_threshold: float | None = _option(None, "Override the stored image threshold.")
+    pixel_threshold: float | None = _option(None, "Override the stored pixel threshold.")
 
-    # Ingest: stop at the first unusable image instead of skipping it (and saying why).
-    strict: bool = False
+    strict: bool = _option(
+        False, "Stop at the first unusable image (default: skip it, say why).", flag="--strict/--skip-bad"
+    )
 
     # Runtime.
-    batch_size: int = 8
-    num_threads: int | None = None
-    progress: bool = True
+    batch_size: int = _option(8, "Images per batch.")
+    num_threads: int | None = _option(None, "CPU threads for torch (default: all cores).")
+    progress: bool = _option(True, "Progress bars.")
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from patchcore_milvus.exact import ExactSearch
+
 
 def coreset_size(n_patches: int, ratio: float, size: int | None) -> int:
     """The number of picks: an absolute `size` wins over `ratio`; never more than there are patches."""
@@ -291,11 +293,7 @@ def greedy_coreset_plain(
     return picks
 
 
-def covering_radius(features: torch.Tensor, picks: np.ndarray, chunk: int = 4096) -> float:
+def covering_radius(features: torch.Tensor, picks: np.ndarray) -> float:
     """Largest distance from any row to its nearest picked row: what a coreset minimises."""
-    centres = features[torch.as_tensor(picks)].float()
-    worst = 0.0
-    for start in range(0, features.shape[0], chunk):
-        block = features[start : start + chunk].float()
-        worst = max(worst, float(torch.cdist(block, centres).min(dim=1).values.max()))
-    return worst
+    nearest, _ = ExactSearch(features[torch.as_tensor(picks)].float().numpy())(features.float().numpy(), 1)
+    return float(nearest.max())

@@ -13,48 +13,16 @@ from tqdm import tqdm
 
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.errors import ImageError
-from patchcore_milvus.images import list_images
 from patchcore_milvus.metrics import aupro, auroc, f1_iou, pro_curve, roc_curve
+from patchcore_milvus.mvtec import GOOD, LabelledImage, ground_truth, labelled_test_images
 
-GOOD = "good"
 STAGES = ("load", "extract", "search", "post")
-
-
-@dataclass(frozen=True)
-class LabelledImage:
-    path: Path
-    defect: str  # "good" or the defect type (the folder name)
-    mask_path: Path | None
-
-
-def load_test_set(category_root: Path) -> list[LabelledImage]:
-    """`<category>/test/<defect>/*.png` with masks at `<category>/ground_truth/<defect>/<name>_mask.png`."""
-    test_root = category_root / "test"
-    if not test_root.is_dir():
-        raise ImageError(f"{test_root} does not exist: expected the MVTec AD layout <category>/test/<defect>/")
-    images = []
-    for folder in sorted(p for p in test_root.iterdir() if p.is_dir()):
-        for path in list_images(folder):
-            mask = category_root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
-            if folder.name != GOOD and not mask.exists():
-                raise ImageError(f"{path} has no ground-truth mask at {mask}")
-            images.append(LabelledImage(path, folder.name, mask if folder.name != GOOD else None))
-    if not images or all(i.defect == GOOD for i in images) or all(i.defect != GOOD for i in images):
-        raise ImageError(f"{test_root} needs both good/ and defect folders with images")
-    return images
 
 
 def resize_map(amap: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(
         Image.fromarray(amap.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
     )
-
-
-def ground_truth(image: LabelledImage, size: int) -> np.ndarray:
-    if image.mask_path is None:
-        return np.zeros((size, size), dtype=bool)
-    with Image.open(image.mask_path) as mask:
-        return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0
 
 
 @dataclass
@@ -172,7 +140,7 @@ def evaluate_category(
     bank: Bank, category: str, category_root: Path, search: str, pixel_size: int, progress: bool
 ) -> CategoryEvaluation:
     """`search`: "milvus", "exact" or "both"."""
-    images = load_test_set(category_root)
+    images = labelled_test_images(category_root)
     truth = [ground_truth(i, pixel_size) for i in images]
     methods: dict[str, Bank] = {}
     if search in ("milvus", "both"):

@@ -24,7 +24,6 @@ from patchcore_milvus.coreset import (
     extend_coreset,
     greedy_coreset,
     projection_matrix,
-    row_norms_squared,
 )
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError
 from patchcore_milvus.exact import ExactSearch
@@ -278,7 +277,7 @@ def append_to_bank(
         matrix = projection_matrix(features.dim, old_coreset["projection_dim"], old_coreset["projection_seed"])
         old_vectors = torch.from_numpy(np.stack([row["vector"] for row in old_rows]))
         old_projected = old_vectors if matrix is None else old_vectors @ matrix
-        nearest = _nearest_squared(patches.projected, old_projected)
+        nearest = torch.from_numpy(ExactSearch(old_projected.numpy())(patches.projected.numpy(), 1)[0][:, 0]) ** 2
         radius = float(old_coreset["radius"])
         n_patches = len(patches.positions)
         # Beyond the radius by more than float32 rounding: the patch that defines the radius, extracted
@@ -509,17 +508,6 @@ def _names(images: list[Path], root: Path | None) -> tuple[Path, list[str]]:
     """Image names as recorded in the bank: relative to `root` (default: the images' common folder)."""
     root = root or Path(os.path.commonpath([Path(p).parent for p in images]))
     return root, [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in images]
-
-
-def _nearest_squared(rows: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Squared distance from each row to its nearest bank row (exact, in chunks)."""
-    bank_norms = row_norms_squared(bank)
-    nearest = torch.empty(len(rows))
-    for start in range(0, len(rows), chunk):
-        block = rows[start : start + chunk]
-        squared = row_norms_squared(block)[:, None] - 2.0 * block @ bank.T + bank_norms
-        nearest[start : start + chunk] = squared.min(dim=1).values.clamp_min(0)
-    return nearest
 
 
 def _say(config: Config, message: str) -> None:

@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from patchcore_milvus import __version__
 from patchcore_milvus.bank import Bank
-from patchcore_milvus.evaluate import GOOD, CategoryEvaluation
+from patchcore_milvus.evaluate import CategoryEvaluation
+from patchcore_milvus.mvtec import GOOD
 from patchcore_milvus.visualize import overlay_figure, save_atomically
 
 MEAN_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.3")

@@ -1,3 +1,5 @@
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,21 @@ def test_yaml_that_is_not_a_mapping_is_refused(tmp_path: Path):
 def test_the_shipped_station_config_is_valid():
     config = load_config(Path(__file__).parents[1] / "deploy" / "station.yaml")
     assert config.uri.startswith("http://") and config.retry_seconds > 0
+
+
+def test_the_readme_documents_every_option_and_every_option_has_a_flag():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented |= set(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    assert documented == set(option_names())
+    from click.testing import CliRunner
+
+    from patchcore_milvus.cli import main
+
+    shown = CliRunner().invoke(main, ["config", "show", "--help"]).output
+    for option in dataclasses.fields(Config):
+        flag = option.metadata["flag"] or "--" + option.name.replace("_", "-")
+        assert flag.split("/")[0] in shown, option.name

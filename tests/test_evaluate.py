@@ -11,7 +11,8 @@ from PIL import Image
 
 from patchcore_milvus.cli import main
 from patchcore_milvus.errors import ImageError
-from patchcore_milvus.evaluate import CategoryEvaluation, LabelledImage, load_test_set
+from patchcore_milvus.evaluate import CategoryEvaluation
+from patchcore_milvus.mvtec import LabelledImage, labelled_test_images
 from patchcore_milvus.report import worst_cases
 
 FAST = ["--image-size", "64", "--no-progress"]
@@ -101,8 +102,8 @@ def test_worst_cases_put_false_positives_and_negatives_first():
 
 def test_wrong_layout_is_explained(tmp_path: Path):
     with pytest.raises(ImageError, match="expected the MVTec AD layout"):
-        load_test_set(tmp_path)
+        labelled_test_images(tmp_path)
     (tmp_path / "test" / "crack").mkdir(parents=True)
     textured_image(0).save(tmp_path / "test" / "crack" / "000.png")
     with pytest.raises(ImageError, match="has no ground-truth mask"):
-        load_test_set(tmp_path)
+        labelled_test_images(tmp_path)

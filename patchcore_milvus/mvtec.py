@@ -1,0 +1,62 @@
+"""The MVTec AD folder layout, known here and nowhere else:
+
+    DATA_ROOT/<category>/train/good/*.png                     defect-free training images
+    DATA_ROOT/<category>/test/<good | defect type>/*.png      test images, labelled by folder
+    DATA_ROOT/<category>/ground_truth/<defect type>/<name>_mask.png
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from patchcore_milvus.errors import ImageError
+from patchcore_milvus.images import list_images
+
+GOOD = "good"
+
+
+def train_folder(data_root: Path, category: str) -> Path:
+    """`DATA_ROOT/<category>/train/good`, or a clear error naming the layout."""
+    folder = data_root / category / "train" / GOOD
+    if not folder.is_dir():
+        raise ImageError(
+            f"{folder} does not exist: DATA_ROOT must hold <category>/train/good/ (the MVTec AD layout); "
+            "for any other folder of good images use --images DIR"
+        )
+    return folder
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    defect: str  # "good" or the defect type (the folder name)
+    mask_path: Path | None
+
+
+def labelled_test_images(category_root: Path) -> list[LabelledImage]:
+    """`<category>/test/<defect>/*.png` with masks at `<category>/ground_truth/<defect>/<name>_mask.png`."""
+    test_root = category_root / "test"
+    if not test_root.is_dir():
+        raise ImageError(f"{test_root} does not exist: expected the MVTec AD layout <category>/test/<defect>/")
+    images = []
+    for folder in sorted(p for p in test_root.iterdir() if p.is_dir()):
+        for path in list_images(folder):
+            mask = category_root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+            if folder.name != GOOD and not mask.exists():
+                raise ImageError(f"{path} has no ground-truth mask at {mask}")
+            images.append(LabelledImage(path, folder.name, mask if folder.name != GOOD else None))
+    if not images or all(i.defect == GOOD for i in images) or all(i.defect != GOOD for i in images):
+        raise ImageError(f"{test_root} needs both good/ and defect folders with images")
+    return images
+
+
+def ground_truth(image: LabelledImage, size: int) -> np.ndarray:
+    """The image's defect mask as booleans, resized to `size` x `size` (all False for a good image)."""
+    if image.mask_path is None:
+        return np.zeros((size, size), dtype=bool)
+    with Image.open(image.mask_path) as mask:
+        return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0
