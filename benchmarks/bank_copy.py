@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from patchcore_milvus.config import Config
-from patchcore_milvus.store import BankStore
+from patchcore_milvus.milvus import BankStore
 
 
 def copy_bank(source: BankStore, version: str, target: BankStore, config: Config) -> str:
     """`version` of `source` as the current bottle bank of `target`, verified; returns the new collection."""
     source.ensure_loaded(version)  # a Lite file opened again starts with its collections released
     rows = source.read_rows(version)
-    collection = target.create_version("bottle", len(rows[0]["vector"]))
-    positions = np.array([[r["patch_y"], r["patch_x"]] for r in rows])
-    target.insert(collection, np.stack([r["vector"] for r in rows]), [r["image"] for r in rows], positions)
+    collection = target.create_version("bottle", rows.vectors.shape[1])
+    target.insert(collection, rows)
     target.build_index(collection, config.index_type, config.effective_index_params)
     target.write_description(collection, source.read_description(version))
     target.verify(collection, len(rows), probe_id=0, search_params=config.effective_search_params)

@@ -38,7 +38,7 @@ from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images, load_rgb
 from patchcore_milvus.ingest import fit_bank
-from patchcore_milvus.store import BankStore
+from patchcore_milvus.milvus import BankStore
 
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # queries -> (distances, ids), k = 1
 

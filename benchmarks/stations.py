@@ -30,7 +30,7 @@ from milvus_server import MilvusTestServer, network_isolation_problem
 from patchcore_milvus.config import Config
 from patchcore_milvus.images import list_images
 from patchcore_milvus.ingest import fit_bank
-from patchcore_milvus.store import BankStore
+from patchcore_milvus.milvus import BankStore
 
 
 def station(uri: str, count: int, start_at: float, out: Path, data: Path) -> None:

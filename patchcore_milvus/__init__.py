@@ -22,7 +22,7 @@ _WHERE = {
     "load_config": "config",
     "IngestSummary": "ingest",
     "fit_bank": "ingest",
-    "BankStore": "store",
+    "BankStore": "milvus",
 }
 
 __all__ = ["Bank", "BankStore", "Config", "IngestSummary", "Inspection", "__version__", "fit_bank", "load_config"]
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from patchcore_milvus.bank import Bank, Inspection
     from patchcore_milvus.config import Config, load_config
     from patchcore_milvus.ingest import IngestSummary, fit_bank
-    from patchcore_milvus.store import BankStore
+    from patchcore_milvus.milvus import BankStore
 
 
 def __getattr__(name: str) -> Any:

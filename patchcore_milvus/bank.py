@@ -14,14 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patchcore_milvus.ann_check import SearchWidths, recheck_params
+from patchcore_milvus.ann_check import recheck_params
 from patchcore_milvus.config import DEFAULT_SEARCH_PARAMS, Config, check_params
+from patchcore_milvus.description import BankDescription
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
 from patchcore_milvus.exact import ExactSearch
-from patchcore_milvus.features import FeaturePipeline, describe_mismatch
+from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
+from patchcore_milvus.milvus import BankRows, BankStore
 from patchcore_milvus.scoring import anomaly_maps, reweighting_factor, settle_largest, to_original_size
-from patchcore_milvus.store import BankStore
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Bank:
         store: BankStore,
         category: str | None,
         version: str,
-        description: dict[str, Any],
+        description: BankDescription,
         features: FeaturePipeline,
         config: Config,
         search: SearchFunction | None = None,
@@ -113,7 +114,7 @@ class Bank:
         cls,
         store: BankStore,
         version: str,
-        description: dict[str, Any],
+        description: BankDescription,
         features: FeaturePipeline,
         config: Config,
         search: SearchFunction | None = None,
@@ -150,26 +151,27 @@ class Bank:
             check_extractor(self.category, description, self.features)
             self._use(version, description)
 
-    def _use(self, version: str, description: dict[str, Any]) -> None:
-        stored = description.get("thresholds") or {}
-        config = self.config
-        image_threshold = config.image_threshold if config.image_threshold is not None else stored.get("image")
-        pixel_threshold = config.pixel_threshold if config.pixel_threshold is not None else stored.get("pixel")
+    def _use(self, version: str, description: BankDescription) -> None:
+        config, stored = self.config, description.thresholds
+        image_threshold, pixel_threshold = config.image_threshold, config.pixel_threshold  # overrides win
+        if stored is not None:
+            image_threshold = stored.image if image_threshold is None else image_threshold
+            pixel_threshold = stored.pixel if pixel_threshold is None else pixel_threshold
         for name, value in (("image", image_threshold), ("pixel", pixel_threshold)):
             if value is not None and not math.isfinite(value):
                 raise StoreError(f"bank version {version} has a non-finite {name} threshold ({value}); re-ingest it")
-        index = description["index"]
+        index = description.index
         if config.search_params:
-            check_params("search", config.search_params, index["type"])
-            params = {**DEFAULT_SEARCH_PARAMS[index["type"]], **config.search_params}
-        elif "search" in description:
-            params = SearchWidths.from_dict(description["search"]).params
+            check_params("search", config.search_params, index.type)
+            params = {**DEFAULT_SEARCH_PARAMS[index.type], **config.search_params}
+        elif description.search is not None:
+            params = description.search.params
         else:  # a bank from before the search widths were measured at ingest
-            params = DEFAULT_SEARCH_PARAMS[index["type"]]
-        if "search" in description:
-            recheck = SearchWidths.from_dict(description["search"]).recheck
+            params = DEFAULT_SEARCH_PARAMS[index.type]
+        if description.search is not None:
+            recheck = description.search.recheck
         else:
-            recheck = recheck_params(index["type"], index["params"], params)
+            recheck = recheck_params(index.type, index.params, params)
         self.version, self.description = version, description
         self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
         self.search_params, self.recheck_params = params, recheck
@@ -248,7 +250,7 @@ class Bank:
                     image_threshold=self.image_threshold,
                     pixel_threshold=self.pixel_threshold,
                     anomaly_map=to_original_size(maps[i], self.features.preprocess, *image.size),
-                    nearest_patch={k: nearest_rows[i][k] for k in ("image", "patch_y", "patch_x")},
+                    nearest_patch=nearest_rows.source(i),
                     timings_ms={},
                     image=image,
                     patch_distances=distances[i].reshape(h, w),
@@ -269,7 +271,7 @@ class Bank:
 
     def _search_batch(
         self, version: str, patches: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, BankRows, np.ndarray]:
         """For n images x p patches x dim, all from `version`: each patch's distance to and id of
         its nearest bank vector (n, p), with each image's largest distances settled by the recheck
         search; how many patches of each image were rechecked; the bank row nearest to each
@@ -290,29 +292,27 @@ class Bank:
             weights = self._reweighting(version, patches[np.arange(n), worst], nearest_rows)
         return distances, ids, rechecked, nearest_rows, weights
 
-    def _reweighting(self, version: str, worst_patches: np.ndarray, nearest_rows: list[dict[str, Any]]) -> np.ndarray:
+    def _reweighting(self, version: str, worst_patches: np.ndarray, nearest: BankRows) -> np.ndarray:
         """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank, found
         with the recheck search; fewer than the bank holds is refused, not scored."""
-        b = min(self.config.reweight_neighbors, int(self.description["coreset"]["size"]) - 1)
+        b = min(self.config.reweight_neighbors, self.description.coreset.size - 1)
         if b < 1:
             return np.ones(len(worst_patches))  # a bank of one vector: m* has no neighbours to weigh against
-        centres = np.stack([row["vector"] for row in nearest_rows])
-        _, neighbour_ids = self.search(version, centres, b + 1, self.recheck_params)
+        _, neighbour_ids = self.search(version, nearest.vectors, b + 1, self.recheck_params)
         candidate_ids = []
-        for row, ids in zip(nearest_rows, neighbour_ids):
-            others = [int(i) for i in ids if i >= 0 and i != row["id"]][:b]
+        for centre, ids in zip(nearest.ids, neighbour_ids):
+            others = [int(i) for i in ids if i >= 0 and i != centre][:b]
             if len(others) < b:
                 raise StoreError(
                     f"bank version {version} returned {len(others)} of the {b} neighbours of bank vector "
-                    f"{row['id']} that the re-weighting (eq. 7) needs; the score was not computed"
+                    f"{centre} that the re-weighting (eq. 7) needs; the score was not computed"
                 )
-            candidate_ids.append([row["id"], *others])
-        rows = self.store.get_rows(version, [i for ids in candidate_ids for i in ids])
-        vectors = {row["id"]: row["vector"] for row in rows}
+            candidate_ids.append([int(centre), *others])
+        candidates = self.store.get_rows(version, [i for ids in candidate_ids for i in ids]).vectors
         return np.array(
             [
-                reweighting_factor(patch, np.stack([vectors[i] for i in ids]))
-                for patch, ids in zip(worst_patches, candidate_ids)
+                reweighting_factor(patch, candidates[k * (b + 1) : (k + 1) * (b + 1)])
+                for k, patch in enumerate(worst_patches)
             ]
         )
 
@@ -347,8 +347,8 @@ def _next_batch(
     return None if batch is None else worker.submit(job, batch)
 
 
-def check_extractor(category: str, description: dict[str, Any], features: FeaturePipeline) -> None:
-    differences = describe_mismatch(description["extractor"], features.description)
+def check_extractor(category: str, description: BankDescription, features: FeaturePipeline) -> None:
+    differences = description.extractor.differences(features.description)
     if differences:
         raise BankMismatchError(
             f"the feature extractor does not match bank {category!r}:\n  "

@@ -185,8 +185,8 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, appen
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
     from patchcore_milvus.images import list_images
     from patchcore_milvus.ingest import append_to_bank, fit_bank
+    from patchcore_milvus.milvus import validate_category
     from patchcore_milvus.mvtec import train_folder
-    from patchcore_milvus.store import validate_category
 
     validate_category(category)
     if images_dir is None:
@@ -293,12 +293,12 @@ def evaluate(
     """MVTec AD metrics of banks on DATA_ROOT/<category>/test, as in the PatchCore paper's tables."""
     from patchcore_milvus.bank import Bank
     from patchcore_milvus.evaluate import evaluate_category
+    from patchcore_milvus.milvus import BankStore
     from patchcore_milvus.report import summary, table_lines, write_report
-    from patchcore_milvus.store import BankStore
 
     store = BankStore.from_config(config)
     if all_categories:
-        banked = {b["category"] for b in store.list_banks()}
+        banked = {bank.category for bank in store.list_banks()}
         categories = tuple(sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name in banked))
         if not categories:
             raise ImageError(f"no folder in {data_root} has a bank at {config.uri}")
@@ -323,14 +323,25 @@ def evaluate(
 @config_options(*CONNECTION)
 def collections(config: Config) -> None:
     """List the banks: category, vectors, dim, index, backbone, created."""
-    from patchcore_milvus.store import BankStore
+    from patchcore_milvus.milvus import BankStore
 
     banks = BankStore.from_config(config).list_banks()
     if not banks:
         click.echo(f"no banks at {config.uri}")
         return
-    columns = ["category", "vectors", "dim", "index", "backbone", "created", "collection"]
-    _echo_table(columns, [[str(bank[c]) for c in columns] for bank in banks])
+    rows = [
+        [
+            bank.category,
+            str(bank.vectors),
+            str(bank.description.extractor.dim),
+            bank.description.index.type,
+            bank.description.extractor.backbone,
+            bank.description.created,
+            bank.collection,
+        ]
+        for bank in banks
+    ]
+    _echo_table(["category", "vectors", "dim", "index", "backbone", "created", "collection"], rows)
 
 
 @main.command()
@@ -338,25 +349,28 @@ def collections(config: Config) -> None:
 @config_options(*CONNECTION)
 def history(category: str, config: Config) -> None:
     """List CATEGORY's bank versions, oldest first; `*` marks the one stations use."""
-    from patchcore_milvus.store import BankStore
+    from patchcore_milvus.milvus import BankStore
 
     versions = BankStore.from_config(config).versions(category)
     if not versions:
         raise PatchcoreMilvusError(f"no versions of {category!r} at {config.uri}")
     rows = []
     for v in versions:
-        d = v["description"]
-        thresholds = d.get("thresholds") or {}
+        name = ("* " if v.current else "  ") + v.version
+        d = v.description
+        if d is None:
+            rows.append([name, "incomplete (interrupted ingest)", "-", str(v.vectors), "-", "-", "-", "-"])
+            continue
         rows.append(
             [
-                ("* " if v["current"] else "  ") + v["version"],
-                d.get("created", "-") if v["complete"] else "incomplete (interrupted ingest)",
-                str(sum(len(part["bank"]) for part in d.get("training_images", []))) if v["complete"] else "-",
-                str(v["vectors"]),
-                _number(thresholds.get("image")),
-                _number(thresholds.get("pixel")),
-                d.get("extractor", {}).get("backbone", "-"),
-                d.get("origin", "-"),
+                name,
+                d.created,
+                str(sum(len(part.bank) for part in d.training_images)),
+                str(v.vectors),
+                _number(d.thresholds.image if d.thresholds else None),
+                _number(d.thresholds.pixel if d.thresholds else None),
+                d.extractor.backbone,
+                d.origin,
             ]
         )
     _echo_table(["version", "created", "images", "vectors", "image thr", "pixel thr", "backbone", "origin"], rows)
@@ -370,7 +384,7 @@ def rollback(category: str, version: str | None, config: Config) -> None:
     """Point CATEGORY back at VERSION (default: the version before the current one).
 
     Stations pick it up before their next batch; `history` lists the versions."""
-    from patchcore_milvus.store import BankStore
+    from patchcore_milvus.milvus import BankStore
 
     target = BankStore.from_config(config).rollback(category, version)
     click.echo(f"{category} -> {target}")
@@ -384,7 +398,7 @@ def gc(category: str | None, yes: bool, config: Config) -> None:
     """Drop leftovers of interrupted ingests: versions that never got their description.
 
     An ingest still running also has such a version: do not run this while one is."""
-    from patchcore_milvus.store import BankStore
+    from patchcore_milvus.milvus import BankStore
 
     store = BankStore.from_config(config)
     found = store.leftovers(category)
@@ -414,7 +428,7 @@ def _echo_table(columns: list[str], rows: list[list[str]]) -> None:
 @config_options(*CONNECTION)
 def drop(category: str, yes: bool, config: Config) -> None:
     """Delete CATEGORY's bank (all its versions)."""
-    from patchcore_milvus.store import BankStore
+    from patchcore_milvus.milvus import BankStore
 
     store = BankStore.from_config(config)
     store.resolve(category)

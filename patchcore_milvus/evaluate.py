@@ -148,6 +148,7 @@ def evaluate_category(
     if search in ("exact", "both"):
         methods["exact"] = bank.with_exact_search()
     scored = {name: score_set(b, images, pixel_size, name, progress) for name, b in methods.items()}
+    description = bank.description
     report: dict[str, Any] = {
         "category": category,
         "test_images": len(images),
@@ -155,11 +156,11 @@ def evaluate_category(
         "pixel_size": pixel_size,
         "bank": {
             "collection": bank.version,
-            "vectors": bank.description["coreset"]["size"],
-            "dim": bank.description["extractor"]["dim"],
-            "bytes": bank.description["coreset"]["size"] * bank.description["extractor"]["dim"] * 4,
-            "index": bank.description["index"],
-            "backbone": bank.description["extractor"]["backbone"],
+            "vectors": description.coreset.size,
+            "dim": description.extractor.dim,
+            "bytes": description.coreset.size * description.extractor.dim * 4,
+            "index": {"type": description.index.type, "params": description.index.params},
+            "backbone": description.extractor.backbone,
         },
         "search": {},
     }

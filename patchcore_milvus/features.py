@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from patchcore_milvus.backbones import Backbone, build_backbone
 from patchcore_milvus.config import Config
+from patchcore_milvus.description import ExtractorDescription
 from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess
 
 
@@ -50,17 +49,17 @@ class FeaturePipeline:
         mean, std = NORMALIZATION_STATS[normalization]
         self.preprocess = Preprocess(config.image_size, config.center_crop, mean, std)
         self.extractor = PatchFeatureExtractor(backbone, config.target_dim).eval()
-        self.description: dict[str, Any] = {
-            "backbone": config.backbone,
-            "weights_sha256": backbone.weights_sha256(),
-            "layers": list(backbone.layers),
-            "image_size": config.image_size,
-            "center_crop": config.center_crop,
-            "normalization": {"mean": list(mean), "std": list(std)},
-            "aggregation": "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat",
-            "target_dim": config.target_dim,
-            "dim": self.extractor.dim,
-        }
+        self.description = ExtractorDescription(
+            backbone=config.backbone,
+            weights_sha256=backbone.weights_sha256(),
+            layers=list(backbone.layers),
+            image_size=config.image_size,
+            center_crop=config.center_crop,
+            normalization={"mean": list(mean), "std": list(std)},
+            aggregation="avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat",
+            target_dim=config.target_dim,
+            dim=self.extractor.dim,
+        )
 
     @property
     def dim(self) -> int:
@@ -68,12 +67,3 @@ class FeaturePipeline:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.extractor(batch)
-
-
-def describe_mismatch(bank: dict[str, Any], query: dict[str, Any]) -> list[str]:
-    """The extractor settings that differ between a bank and a query, as readable lines."""
-    return [
-        f"{key}: bank has {bank.get(key)!r}, this query uses {query.get(key)!r}"
-        for key in sorted(set(bank) | set(query))
-        if bank.get(key) != query.get(key)
-    ]

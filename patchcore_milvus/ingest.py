@@ -6,7 +6,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,19 @@ from patchcore_milvus.coreset import (
     greedy_coreset,
     projection_matrix,
 )
+from patchcore_milvus.description import (
+    BankDescription,
+    CoresetDescription,
+    HeldOutImage,
+    IndexDescription,
+    Thresholds,
+    TrainingImages,
+)
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
-from patchcore_milvus.store import BankStore, validate_category
+from patchcore_milvus.milvus import BankRows, BankStore, validate_category
 from patchcore_milvus.thresholds import RULE, calibrate, holdout_split
 
 
@@ -94,9 +102,7 @@ def _params(params: dict[str, Any]) -> str:
 class BankContents:
     """What a new bank version holds, and the patches its search is checked on before publishing."""
 
-    vectors: np.ndarray  # (n, dim) float32
-    sources: list[str]  # the training image of each vector
-    positions: np.ndarray  # (n, 2) int: patch y, x of each vector in its image
+    rows: BankRows
     probes: np.ndarray  # (m, dim) training patches the coreset left out: real queries with known answers
 
 
@@ -183,64 +189,7 @@ def fit_bank(
 
     `root`: image names are recorded relative to it (default: the images' common folder).
     """
-    validate_category(category)
-    if not images:
-        raise ImageError(f"no images to ingest for category {category!r}")
-    store = store or BankStore.from_config(config)
-    root, names = _names(images, root)
-    bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
-    seconds: dict[str, float] = {}
-    features = FeaturePipeline(config)
-    with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:
-        patches = _bank_patches(features, [images[i] for i in bank_idx], config, Path(work), seconds)
-
-        t = time.perf_counter()
-        n_patches = len(patches.positions)
-        size = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
-        picks, radius = greedy_coreset(patches.projected, size, config.seed, config.progress)
-        seconds["coreset"] = time.perf_counter() - t
-
-        contents = BankContents(
-            vectors=patches.full[picks],  # the coreset, read back from disk
-            sources=[names[bank_idx[patches.positions[i, 0]]] for i in picks],
-            positions=patches.positions[picks, 1:],
-            probes=patches.full[probe_rows(n_patches, picks, config.seed)],
-        )
-        used, skipped = np.unique(patches.positions[:, 0]), patches.skipped
-    del patches  # the projected features go; the memory-mapped file went with the folder
-
-    description: dict[str, Any] = {
-        "category": category,
-        "package_version": __version__,
-        "created": _now(),
-        "origin": "ingest",
-        "extractor": features.description,
-        "coreset": {
-            "projection_dim": config.projection_dim,
-            "projection_seed": config.seed,
-            "ratio": config.coreset_ratio,
-            "size": int(size),
-            "patches": n_patches,
-            "radius": radius,
-        },
-        "index": {"type": config.index_type, "params": config.effective_index_params},
-        "training_images": [{"root": str(root), "bank": [names[bank_idx[i]] for i in used]}],
-    }
-    held_out = [(images[i], names[i]) for i in held_idx]
-    collection = _publish(store, category, features, config, contents, description, held_out, [], seconds)
-    return _summary(
-        category,
-        collection,
-        features,
-        config,
-        description,
-        seconds,
-        skipped,
-        images=len(used),
-        holdout_images=len(description["thresholds"]["holdout"]),
-        patches=n_patches,
-        coreset_size=int(size),
-    )
+    return _ingest(category, images, config, store, root, append=False)
 
 
 def append_to_bank(
@@ -251,175 +200,211 @@ def append_to_bank(
     The new version holds the old bank plus greedy picks among the new patches that lie farther
     from the bank than its covering radius, until they too are covered that well (at most
     `coreset_ratio` of the new patches). Thresholds are re-derived from the old and the new
-    held-out images.
+    held-out images. Where no new patch lies outside the radius, nothing is published.
     """
+    return _ingest(category, images, config, store, root, append=True)
+
+
+@dataclass
+class _Grown:
+    """The bank an append grows: its version, description and rows."""
+
+    version: str
+    description: BankDescription
+    rows: BankRows
+
+    @classmethod
+    def read(cls, store: BankStore, category: str, features: FeaturePipeline) -> _Grown:
+        version = store.resolve(category)
+        description = store.read_description(version)
+        check_extractor(category, description, features)
+        if description.coreset.radius is None:
+            raise BankMismatchError(
+                f"bank {version} predates --append (no covering radius recorded); re-ingest it once"
+            )
+        return cls(version, description, store.read_rows(version))
+
+
+def _ingest(
+    category: str, images: list[Path], config: Config, store: BankStore | None, root: Path | None, append: bool
+) -> IngestSummary:
+    """One pipeline for both: patches of the bank images -> selection -> new version -> publish.
+    Only the selection differs: a fresh coreset, or what the new patches add to the old bank."""
     validate_category(category)
     if not images:
-        raise ImageError(f"no images to append to category {category!r}")
+        raise ImageError(f"no images to {'append to' if append else 'ingest for'} category {category!r}")
     store = store or BankStore.from_config(config)
-    old = store.resolve(category)
-    old_description = store.read_description(old)
     features = FeaturePipeline(config)
-    check_extractor(category, old_description, features)
-    old_coreset = old_description["coreset"]
-    if "radius" not in old_coreset:
-        raise BankMismatchError(f"bank {old} predates --append (no covering radius recorded); re-ingest it once")
+    grown = _Grown.read(store, category, features) if append else None
     root, names = _names(images, root)
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
+    # An append projects with the old bank's projection, so that distances compare with its radius.
+    projection = config if grown is None else config.replace(
+        projection_dim=grown.description.coreset.projection_dim, seed=grown.description.coreset.projection_seed
+    )
     seconds: dict[str, float] = {}
-    old_rows = store.read_rows(old)
-    with tempfile.TemporaryDirectory(prefix="patchcore-append-") as work:
-        # The old bank's projection, so that distances compare with its radius.
-        projection = config.replace(projection_dim=old_coreset["projection_dim"], seed=old_coreset["projection_seed"])
-        patches = _bank_patches(features, [images[i] for i in bank_idx], projection, Path(work), seconds)
-
+    with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:
         t = time.perf_counter()
-        matrix = projection_matrix(features.dim, old_coreset["projection_dim"], old_coreset["projection_seed"])
-        old_vectors = torch.from_numpy(np.stack([row["vector"] for row in old_rows]))
-        old_projected = old_vectors if matrix is None else old_vectors @ matrix
-        nearest = torch.from_numpy(ExactSearch(old_projected.numpy())(patches.projected.numpy(), 1)[0][:, 0]) ** 2
-        radius = float(old_coreset["radius"])
+        patches = extract_patches(
+            features,
+            [images[i] for i in bank_idx],
+            config.batch_size,
+            projection.projection_dim,
+            projection.seed,
+            Path(work),
+            config.progress,
+            config.strict,
+        )
+        seconds["features"] = time.perf_counter() - t
+        t = time.perf_counter()
         n_patches = len(patches.positions)
-        # Beyond the radius by more than float32 rounding: the patch that defines the radius, extracted
-        # again in another batch and measured by another routine, lands a hair either side of it.
-        far = (nearest > radius**2 * (1 + RADIUS_TOLERANCE)).nonzero().squeeze(1)
-        if len(far) == 0:
-            seconds["coreset"] = time.perf_counter() - t
-            return IngestSummary(
-                category=category,
-                collection=old,
-                images=len(np.unique(patches.positions[:, 0])),
-                holdout_images=len(held_idx),
-                patches=n_patches,
-                coreset_size=0,
-                dim=features.dim,
-                index=old_description["index"]["type"],
-                image_threshold=(old_description.get("thresholds") or {}).get("image"),
-                pixel_threshold=(old_description.get("thresholds") or {}).get("pixel"),
-                seconds=seconds,
-                search=None,
-                skipped=patches.skipped,
-                appended_to=old,
-                bank_size=len(old_rows),
-            )
         limit = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
-        picks = far[torch.as_tensor(extend_coreset(patches.projected[far], nearest[far], radius, limit))].numpy()
+        if grown is None:
+            picks, radius = greedy_coreset(patches.projected, limit, config.seed, config.progress)
+            far = n_patches
+        else:
+            picks, far = _new_picks(patches, grown, features.dim, limit)
+            radius = grown.description.coreset.radius
         seconds["coreset"] = time.perf_counter() - t
-
+        used = np.unique(patches.positions[:, 0])
+        counts = {"images": len(used), "patches": n_patches, "coreset_size": len(picks), "far_patches": far}
+        if grown is not None and len(picks) == 0:
+            return _summary(
+                category,
+                grown.version,
+                features,
+                grown.description,
+                seconds,
+                patches.skipped,
+                nothing_added=True,
+                holdout_images=len(held_idx),
+                appended_to=grown.version,
+                bank_size=len(grown.rows),
+                **counts,
+            )
+        new = BankRows(
+            ids=np.arange(len(picks)),
+            vectors=patches.full[picks],  # read back from disk
+            images=[names[bank_idx[patches.positions[i, 0]]] for i in picks],
+            positions=patches.positions[picks, 1:],
+        )
         contents = BankContents(
-            vectors=np.concatenate([old_vectors.numpy(), patches.full[picks]]),
-            sources=[row["image"] for row in old_rows] + [names[bank_idx[patches.positions[i, 0]]] for i in picks],
-            positions=np.concatenate(
-                [np.array([[row["patch_y"], row["patch_x"]] for row in old_rows]), patches.positions[picks, 1:]]
-            ),
+            rows=new if grown is None else grown.rows.concatenate(new),
             probes=patches.full[probe_rows(n_patches, picks, config.seed)],
         )
-        used, skipped = np.unique(patches.positions[:, 0]), patches.skipped
-    del patches
+        skipped = patches.skipped
+    del patches  # the projected features go; the memory-mapped file went with the folder
 
-    description = {
-        **old_description,
-        "created": _now(),
-        "package_version": __version__,
-        "origin": f"append to {old}",
-        "coreset": {**old_coreset, "size": len(contents.vectors), "patches": old_coreset["patches"] + n_patches},
-        "index": {"type": config.index_type, "params": config.effective_index_params},
-        "training_images": [
-            *old_description["training_images"],
-            {
-                "root": str(root),
-                "bank": [names[bank_idx[i]] for i in used],
-                "far_patches": len(far),
-                "added": len(picks),
-            },
-        ],
-    }
-    old_holdout = (old_description.get("thresholds") or {}).get("holdout", [])
+    part = TrainingImages(str(root), [names[bank_idx[i]] for i in used])
+    index = IndexDescription(config.index_type, config.effective_index_params)
+    if grown is None:
+        description = BankDescription(
+            category=category,
+            package_version=__version__,
+            created=_now(),
+            origin="ingest",
+            extractor=features.description,
+            coreset=CoresetDescription(
+                config.projection_dim, config.seed, config.coreset_ratio, len(picks), n_patches, radius
+            ),
+            index=index,
+            training_images=[part],
+        )
+        earlier: list[HeldOutImage] = []
+    else:
+        old = grown.description
+        description = replace(
+            old,
+            package_version=__version__,
+            created=_now(),
+            origin=f"append to {grown.version}",
+            coreset=replace(old.coreset, size=len(contents.rows), patches=old.coreset.patches + n_patches),
+            index=index,
+            training_images=[*old.training_images, replace(part, far_patches=far, added=len(picks))],
+            search=None,
+            thresholds=None,
+        )
+        earlier = old.thresholds.holdout if old.thresholds else []
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection = _publish(store, category, features, config, contents, description, held_out, old_holdout, seconds)
+    collection, description = _publish(store, features, config, contents, description, held_out, earlier, seconds)
+    assert description.thresholds is not None  # _publish calibrated them
     return _summary(
         category,
         collection,
         features,
-        config,
         description,
         seconds,
         skipped,
-        images=len(used),
-        holdout_images=len(description["thresholds"]["holdout"]) - len(old_holdout),
-        patches=n_patches,
-        coreset_size=len(picks),
-        appended_to=old,
-        far_patches=len(far),
-        bank_size=len(contents.vectors),
+        holdout_images=len(description.thresholds.holdout) - len(earlier),  # this run's held-out images
+        appended_to=None if grown is None else grown.version,
+        bank_size=len(contents.rows),
+        **counts,
     )
 
 
-def _bank_patches(
-    features: FeaturePipeline, paths: list[Path], config: Config, work: Path, seconds: dict[str, float]
-) -> PatchSet:
-    """`extract_patches` with the config's batch size, projection, progress and strictness, timed."""
-    t = time.perf_counter()
-    patches = extract_patches(
-        features,
-        paths,
-        config.batch_size,
-        config.projection_dim,
-        config.seed,
-        work,
-        config.progress,
-        config.strict,
-    )
-    seconds["features"] = time.perf_counter() - t
-    return patches
+def _new_picks(patches: PatchSet, grown: _Grown, dim: int, limit: int) -> tuple[np.ndarray, int]:
+    """What new patches add to a grown bank: greedy picks among those beyond its covering radius
+    (at most `limit`), and how many lay beyond it."""
+    coreset = grown.description.coreset
+    matrix = projection_matrix(dim, coreset.projection_dim, coreset.projection_seed)
+    old_vectors = torch.from_numpy(grown.rows.vectors)
+    old_projected = (old_vectors if matrix is None else old_vectors @ matrix).numpy()
+    nearest = torch.from_numpy(ExactSearch(old_projected)(patches.projected.numpy(), 1)[0][:, 0]) ** 2
+    # Beyond the radius by more than float32 rounding: the patch that defines the radius, extracted
+    # again in another batch and measured by another routine, lands a hair either side of it.
+    far = (nearest > coreset.radius**2 * (1 + RADIUS_TOLERANCE)).nonzero().squeeze(1)
+    if len(far) == 0:
+        return np.empty(0, dtype=np.int64), 0
+    extended = extend_coreset(patches.projected[far], nearest[far], coreset.radius, limit)
+    return far[torch.as_tensor(extended)].numpy(), len(far)
 
 
 def _summary(
     category: str,
     collection: str,
     features: FeaturePipeline,
-    config: Config,
-    description: dict[str, Any],
+    description: BankDescription,
     seconds: dict[str, float],
     skipped: list[str],
+    nothing_added: bool = False,
     **counts: Any,
 ) -> IngestSummary:
-    """What fit_bank and append_to_bank report alike; `counts` holds what differs."""
-    thresholds = description["thresholds"]
+    """What an ingest or an append reports; `counts` holds what differs between them."""
+    thresholds = description.thresholds
     return IngestSummary(
         category=category,
         collection=collection,
         dim=features.dim,
-        index=config.index_type,
-        image_threshold=thresholds["image"],
-        pixel_threshold=thresholds["pixel"],
+        index=description.index.type,
+        image_threshold=None if thresholds is None else thresholds.image,
+        pixel_threshold=None if thresholds is None else thresholds.pixel,
         seconds=seconds,
-        search=SearchWidths.from_dict(description["search"]),
-        skipped=skipped + thresholds["skipped"],
+        search=None if nothing_added else description.search,
+        skipped=skipped + ([] if nothing_added or thresholds is None else thresholds.skipped),
         **counts,
     )
 
 
 def _publish(
     store: BankStore,
-    category: str,
     features: FeaturePipeline,
     config: Config,
     contents: BankContents,
-    description: dict[str, Any],
+    description: BankDescription,
     held_out: list[tuple[Path, str]],
-    earlier_holdout: list[dict[str, Any]],
+    earlier_holdout: list[HeldOutImage],
     seconds: dict[str, float],
-) -> str:
-    """Store the vectors as a new version, check its search against exact search, calibrate its
-    thresholds (both recorded in `description`), verify it, then point the category at it. On
-    any failure the new version is dropped and the old one serves on."""
+) -> tuple[str, BankDescription]:
+    """Store the rows as a new version, check its search against exact search, calibrate its
+    thresholds, verify it, then point the category at it; returns the version and its final
+    description. On any failure the new version is dropped and the old one serves on."""
+    category = description.category
     t = time.perf_counter()
-    vectors = contents.vectors
+    rows = contents.rows
     collection = store.create_version(category, features.dim)
     try:
-        _say(config, f"milvus: inserting {len(vectors)} vectors into {collection}")
-        store.insert(collection, vectors, contents.sources, contents.positions)
+        _say(config, f"milvus: inserting {len(rows)} vectors into {collection}")
+        store.insert(collection, rows)
         _say(config, f"milvus: building the {config.index_type} index")
         store.build_index(collection, config.index_type, config.effective_index_params)
         seconds["milvus"] = time.perf_counter() - t
@@ -427,7 +412,7 @@ def _publish(
         _say(config, f"milvus: checking the search on {len(contents.probes)} patches against exact search")
         widths = choose_search_widths(
             lambda queries, k, params: store.search(collection, queries, k, params),
-            vectors,
+            rows.vectors,
             contents.probes,
             config.index_type,
             config.effective_index_params,
@@ -435,26 +420,27 @@ def _publish(
             fixed=bool(config.search_params),
             say=lambda message: _say(config, message),
         )
-        description["search"] = widths.to_dict()
+        description = replace(description, search=widths)
         seconds["search check"] = time.perf_counter() - t
         t = time.perf_counter()
-        exact = ExactSearch(vectors)
-        description["thresholds"] = _calibrate_thresholds(
+        exact = ExactSearch(rows.vectors)
+        thresholds = _calibrate_thresholds(
             Bank.pinned(store, collection, description, features, config, lambda _, q, k, __: exact(q, k)),
             Bank.pinned(store, collection, description, features, config),
             held_out,
             earlier_holdout,
             config,
         )
+        description = replace(description, thresholds=thresholds)
         seconds["thresholds"] = time.perf_counter() - t
         _say(config, f"milvus: verifying {collection}, then publishing it as {category}")
         store.write_description(collection, description)
-        store.verify(collection, len(vectors), probe_id=len(vectors) // 2, search_params=widths.params)
+        store.verify(collection, len(rows), probe_id=len(rows) // 2, search_params=widths.params)
         store.publish(category, collection, keep=config.keep_versions)
     except BaseException:
         store.drop_version(collection)
         raise
-    return collection
+    return collection, description
 
 
 # Relative slack on the squared covering radius when deciding which new patches lie outside it.
@@ -466,8 +452,8 @@ SCORE_TOLERANCE = 1e-3
 
 
 def _calibrate_thresholds(
-    exact_bank: Bank, milvus_bank: Bank, held_out: list[tuple[Path, str]], earlier: list[dict[str, Any]], config: Config
-) -> dict[str, Any]:
+    exact_bank: Bank, milvus_bank: Bank, held_out: list[tuple[Path, str]], earlier: list[HeldOutImage], config: Config
+) -> Thresholds:
     """Score the held-out good images against the new version and derive both thresholds.
 
     The thresholds come from exact search over the version's vectors; the same images scored
@@ -476,12 +462,12 @@ def _calibrate_thresholds(
     are still at their recorded path, else their recorded scores stand (the bank only grew, so
     those can only be too high: the thresholds err on the side of fewer false alarms).
     Unusable files are skipped and listed (`strict`: raised)."""
-    rescored = [(Path(e["path"]), e["image"]) for e in earlier if Path(e.get("path", "")).is_file()]
-    kept = [e for e in earlier if not Path(e.get("path", "")).is_file()]
+    rescored = [(Path(e.path), e.image) for e in earlier if Path(e.path).is_file()]
+    kept = [e for e in earlier if not Path(e.path).is_file()]
     to_score = [*held_out, *rescored]
     entries, skipped = [], []
     for start in range(0, len(to_score), config.batch_size):
-        batch = dict((str(path), name) for path, name in to_score[start : start + config.batch_size])
+        batch = {str(path): name for path, name in to_score[start : start + config.batch_size]}
         extracted = exact_bank.load_and_extract([Path(path) for path in batch])
         for _, error in extracted.errors:
             if config.strict:
@@ -496,12 +482,12 @@ def _calibrate_thresholds(
                     f"{milvus.image_score:.4f} through Milvus, {exact.image_score:.4f} by exact search; not published"
                 )
             score, map_max = round(exact.image_score, 6), round(float(exact.anomaly_map.max()), 6)
-            entries.append({"image": batch[exact.path], "path": exact.path, "score": score, "map_max": map_max})
+            entries.append(HeldOutImage(batch[exact.path], exact.path, score, map_max))
     entries += kept
     sigma = config.threshold_sigma
-    image = calibrate(np.array([e["score"] for e in entries]), sigma) if entries else None
-    pixel = calibrate(np.array([e["map_max"] for e in entries]), sigma) if entries else None
-    return {"image": image, "pixel": pixel, "rule": RULE, "sigma": sigma, "holdout": entries, "skipped": skipped}
+    image = calibrate(np.array([e.score for e in entries]), sigma) if entries else None
+    pixel = calibrate(np.array([e.map_max for e in entries]), sigma) if entries else None
+    return Thresholds(image, pixel, RULE, sigma, entries, skipped)
 
 
 def _names(images: list[Path], root: Path | None) -> tuple[Path, list[str]]:

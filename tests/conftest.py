@@ -11,6 +11,13 @@ from milvus_server import MilvusTestServer, network_isolation_problem
 from PIL import Image
 
 from patchcore_milvus.config import Config
+from patchcore_milvus.description import (
+    BankDescription,
+    CoresetDescription,
+    ExtractorDescription,
+    IndexDescription,
+    TrainingImages,
+)
 
 torch.set_num_threads(2)
 
@@ -69,3 +76,17 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory):
     server.start()
     yield server
     server.stop()
+
+
+def sample_description(category: str, images: list[str] | None = None) -> BankDescription:
+    """A complete description with made-up values, for store tests that need one."""
+    return BankDescription(
+        category=category,
+        package_version="0",
+        created="2026-01-01T00:00:00+00:00",
+        origin="ingest",
+        extractor=ExtractorDescription("efficientnet_lite0", "0" * 64, ["a", "b"], 64, None, {}, "-", None, 8),
+        coreset=CoresetDescription(8, 0, 0.1, 1, 10, 1.0),
+        index=IndexDescription("HNSW", {"M": 8, "efConstruction": 64}),
+        training_images=[TrainingImages("root", images or ["ünïcode ok.png"])],
+    )

@@ -39,19 +39,19 @@ def test_defect_scores_above_good_and_is_localised(fitted: Config, tmp_path: Pat
 def test_description_records_the_model(fitted: Config):
     store = BankStore(fitted.uri)
     description = store.read_description(store.resolve("texture"))
-    assert description["extractor"]["backbone"] == "efficientnet_lite0"
-    assert len(description["extractor"]["weights_sha256"]) == 64
-    assert description["coreset"]["size"] == 96 and description["coreset"]["projection_seed"] == 0
-    [training] = description["training_images"]
-    assert len(training["bank"]) == 6 and description["origin"] == "ingest"
-    assert description["coreset"]["radius"] > 0
-    held_out = description["thresholds"]["holdout"]
+    assert description.extractor.backbone == "efficientnet_lite0"
+    assert len(description.extractor.weights_sha256) == 64
+    assert description.coreset.size == 96 and description.coreset.projection_seed == 0
+    [training] = description.training_images
+    assert len(training.bank) == 6 and description.origin == "ingest"
+    assert description.coreset.radius > 0
+    held_out = description.thresholds.holdout
     assert len(held_out) == 2
-    assert description["thresholds"]["image"] >= max(h["score"] for h in held_out)
-    assert description["thresholds"]["pixel"] >= max(h["map_max"] for h in held_out)
-    assert description["index"] == {"type": "HNSW", "params": {"M": 16, "efConstruction": 200}}
+    assert description.thresholds.image >= max(h.score for h in held_out)
+    assert description.thresholds.pixel >= max(h.map_max for h in held_out)
+    assert (description.index.type, description.index.params) == ("HNSW", {"M": 16, "efConstruction": 200})
     [listed] = store.list_banks()
-    assert listed["category"] == "texture" and listed["vectors"] == 96 and listed["dim"] == 152
+    assert listed.category == "texture" and listed.vectors == 96 and listed.description.extractor.dim == 152
 
 
 def test_reweighting_can_be_switched_off(fitted: Config, tmp_path: Path):
@@ -117,7 +117,7 @@ def test_reingest_replaces_the_bank_and_failed_ingest_keeps_the_old(fitted: Conf
     store.close()
     fit_bank("texture", list_images(good_folder), fitted.replace(coreset_size=10))
     store = BankStore(fitted.uri)
-    assert store.resolve("texture") != first and store.list_banks()[0]["vectors"] == 10
+    assert store.resolve("texture") != first and store.list_banks()[0].vectors == 10
 
 
 def test_unknown_category(small_config: Config):
@@ -170,8 +170,8 @@ def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Conf
     assert after[0] < 0.5 * before[0]  # the new variant is now known
     assert after[1] == pytest.approx(before[1], rel=0.05)  # the old one scores as before
     description = store.read_description(new)
-    assert description["origin"] == f"append to {old}" and len(description["training_images"]) == 2
-    assert len(description["thresholds"]["holdout"]) == 4  # old and new held-out images
+    assert description.origin == f"append to {old}" and len(description.training_images) == 2
+    assert len(description.thresholds.holdout) == 4  # old and new held-out images
 
     again = append_to_bank("texture", list_images(good_folder), fitted, store=store)  # nothing new in these
     assert again.coreset_size < 0.1 * summary.coreset_size + 2
@@ -186,7 +186,7 @@ def test_append_of_images_the_bank_already_covers_adds_nothing_and_keeps_the_ver
     current = store.resolve("texture")
     known = tmp_path / "known"  # three of the bank's own images: no patch lies outside its radius
     known.mkdir()
-    for name in store.read_description(current)["training_images"][0]["bank"][:3]:
+    for name in store.read_description(current).training_images[0].bank[:3]:
         (known / name).write_bytes((good_folder / name).read_bytes())
     summary = append_to_bank("texture", list_images(known), fitted.replace(holdout_ratio=0.0), store=store)
     assert summary.coreset_size == 0 and summary.collection == current

@@ -69,19 +69,19 @@ def test_server_uri_accepted_and_credentials_come_from_environment(monkeypatch):
 
 
 def test_tls_options_map_to_pymilvus():
-    from patchcore_milvus.store import _tls_options
+    from patchcore_milvus.milvus.connection import tls_options
 
-    assert _tls_options(Config()) == {}
-    assert _tls_options(Config(tls_ca_cert="ca.pem")) == {}  # a Lite file: nothing to encrypt
+    assert tls_options(Config()) == {}
+    assert tls_options(Config(tls_ca_cert="ca.pem")) == {}  # a Lite file: nothing to encrypt
     one_way = Config(uri="https://milvus.plant:19530", tls_ca_cert="ca.pem", tls_server_name="milvus.plant")
-    assert _tls_options(one_way) == {"server_pem_path": "ca.pem", "server_name": "milvus.plant", "secure": True}
+    assert tls_options(one_way) == {"server_pem_path": "ca.pem", "server_name": "milvus.plant", "secure": True}
     mutual = Config(
         uri="https://milvus.plant:19530",
         tls_ca_cert="ca.pem",
         tls_client_cert="client.pem",
         tls_client_key="client.key",
     )
-    assert _tls_options(mutual) == {
+    assert tls_options(mutual) == {
         "ca_pem_path": "ca.pem",
         "client_pem_path": "client.pem",
         "client_key_path": "client.key",

@@ -4,7 +4,7 @@ import torch
 from patchcore_milvus.backbones import build_backbone
 from patchcore_milvus.config import Config
 from patchcore_milvus.errors import WeightsUnavailableError
-from patchcore_milvus.features import FeaturePipeline, PatchFeatureExtractor, describe_mismatch
+from patchcore_milvus.features import FeaturePipeline, PatchFeatureExtractor
 
 
 def test_efficientnet_lite0_gives_152_dim_patches_on_the_stride_8_grid():
@@ -63,7 +63,7 @@ def test_neighbourhood_aggregation_smooths_the_feature_grid():
 def test_description_mismatch_names_the_difference():
     base = FeaturePipeline(Config(image_size=64)).description
     other = FeaturePipeline(Config(image_size=64, normalization="backbone")).description
-    lines = describe_mismatch(base, other)
+    lines = base.differences(other)
     assert len(lines) == 1 and lines[0].startswith("normalization:")
 
 

@@ -22,7 +22,7 @@ from patchcore_milvus.errors import BankMismatchError, StoreError, StoreUnavaila
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images
 from patchcore_milvus.ingest import fit_bank
-from patchcore_milvus.store import BankStore
+from patchcore_milvus.milvus import BankStore
 
 pytestmark = pytest.mark.server
 
@@ -116,7 +116,7 @@ def test_tls_is_required_and_the_server_certificate_checked(server_config: Confi
     settings = tmp_path / "client.yaml"
     settings.write_text(yaml.safe_dump({**server_config.to_dict(), **change, "retry_seconds": 1}))
     opener = (
-        "from patchcore_milvus.config import load_config; from patchcore_milvus.store import BankStore; "
+        "from patchcore_milvus.config import load_config; from patchcore_milvus.milvus import BankStore; "
         f"BankStore.from_config(load_config({str(settings)!r})).client.list_collections()"
     )
     result = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True, timeout=120)
@@ -216,7 +216,7 @@ def test_stations_report_a_server_crash_and_recover_without_a_restart(
         assert all(killed - 1 < r["t"] < restarted for r in errors)
         assert all(f"Milvus at {server_config.uri}" in r["error"] for r in errors), errors[0]["error"]
     # After the crash the bank is intact: it still carries its description and scores as before.
-    assert Bank.open("crash", server_config).description["category"] == "crash"
+    assert Bank.open("crash", server_config).description.category == "crash"
 
 
 @pytest.mark.slow
@@ -237,7 +237,7 @@ def test_bottle_on_the_server_detects_every_defect_with_lite_s_verdicts(
     for name, config in (("server", server), ("lite", lite)):
         summary = fit_bank("bottle", train, config, root=bottle_root)
         bank = Bank.open("bottle", config)
-        assert bank.search_params == bank.description["search"]["params"]
+        assert bank.search_params == bank.description.search.params
         results[name] = {path: result for path, result in bank.score_paths(tests)}
         results[name + " thresholds"] = (summary.image_threshold, summary.pixel_threshold)
     assert results["server thresholds"] == pytest.approx(results["lite thresholds"], rel=1e-4)

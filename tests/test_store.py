@@ -4,9 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sample_description
 
 from patchcore_milvus.errors import BankNotFoundError, StoreError
-from patchcore_milvus.store import BankStore, category_of, validate_category
+from patchcore_milvus.milvus import BankRows, BankStore, category_of, validate_category
 
 
 @pytest.fixture
@@ -16,12 +17,17 @@ def store(tmp_path: Path):
     bank_store.close()
 
 
+def rows_of(vectors: np.ndarray, images: list[str] | None = None) -> BankRows:
+    n = len(vectors)
+    positions = np.stack([np.arange(n), np.zeros(n, int)], axis=1)
+    return BankRows(np.arange(n), vectors, images or [f"img{i // 10}.png" for i in range(n)], positions)
+
+
 def fill(store: BankStore, category: str, vectors: np.ndarray) -> str:
     collection = store.create_version(category, vectors.shape[1])
-    positions = np.stack([np.arange(len(vectors)), np.zeros(len(vectors), int)], axis=1)
-    store.insert(collection, vectors, [f"img{i // 10}.png" for i in range(len(vectors))], positions)
+    store.insert(collection, rows_of(vectors))
     store.build_index(collection, "HNSW", {"M": 8, "efConstruction": 64})
-    store.write_description(collection, {"category": category, "note": "ünïcode ok"})
+    store.write_description(collection, sample_description(category))
     store.verify(collection, len(vectors), probe_id=0, search_params={"ef": 64})
     return collection
 
@@ -40,9 +46,9 @@ def test_rows_keep_their_source_image_and_patch_position(store: BankStore):
     vectors = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
     collection = fill(store, "sources", vectors)
     rows = store.get_rows(collection, [17, 3, 17])
-    assert [r["id"] for r in rows] == [17, 3, 17]
-    assert rows[0]["image"] == "img1.png" and rows[0]["patch_y"] == 17 and rows[0]["patch_x"] == 0
-    np.testing.assert_allclose(rows[1]["vector"], vectors[3], rtol=1e-6)
+    assert rows.ids.tolist() == [17, 3, 17]
+    assert rows.images[0] == "img1.png" and rows.positions[0].tolist() == [17, 0]
+    np.testing.assert_allclose(rows.vectors[1], vectors[3], rtol=1e-6)
 
 
 def test_more_queries_than_one_call_takes(store: BankStore):
@@ -67,11 +73,11 @@ def test_publish_moves_the_alias_keeps_n_versions_and_removes_leftovers(store: B
     third = fill(store, "bottle", vectors * 2)
     assert store.publish("bottle", third, keep=2) == [first]  # the oldest complete one beyond the 2 kept
     history = store.versions("bottle")
-    assert [(h["version"], h["current"], h["complete"], h["vectors"]) for h in history] == [
+    assert [(h.version, h.current, h.description is not None, h.vectors) for h in history] == [
         (second, False, True, 40),
         (third, True, True, 40),
     ]
-    assert history[0]["description"]["note"] == "ünïcode ok"
+    assert history[0].description.training_images[0].bank == ["ünïcode ok.png"]
     store.drop("bottle")
     with pytest.raises(BankNotFoundError, match="no bank for category 'bottle'"):
         store.resolve("bottle")
@@ -98,8 +104,9 @@ def test_descriptions_longer_than_one_varchar_and_damaged_ones(store: BankStore)
     vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
     collection = fill(store, "long", vectors)
     store.client.delete(collection, ids=[-1], partition_name="description")
-    store.write_description(collection, {"names": [f"image_{i:06d}.png" for i in range(10000)]})  # ~190 kB
-    assert len(store.read_description(collection)["names"]) == 10000
+    names = [f"image_{i:06d}.png" for i in range(10000)]
+    store.write_description(collection, sample_description("long", names))  # ~190 kB
+    assert len(store.read_description(collection).training_images[0].bank) == 10000
     store.client.delete(collection, ids=[-2])  # a chunk goes missing
     store.client.flush(collection)
     with pytest.raises(StoreError, match="damaged"):
@@ -134,7 +141,7 @@ def test_a_lite_file_held_by_another_process_is_explained(store: BankStore):
     import subprocess
     import sys
 
-    opener = f"from patchcore_milvus.store import BankStore; BankStore({store.uri!r})"
+    opener = f"from patchcore_milvus.milvus import BankStore; BankStore({store.uri!r})"
     result = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "serves one process at a time" in result.stderr and "http://host:port" in result.stderr
@@ -147,7 +154,7 @@ def test_every_offered_index_type_builds_and_finds_neighbours(store: BankStore, 
     config = Config(index_type=index_type, index_params={"nlist": 16} if index_type.startswith("IVF") else {})
     vectors = np.random.default_rng(4).normal(size=(500, 16)).astype(np.float32)
     collection = store.create_version("indexed", 16)
-    store.insert(collection, vectors, ["x.png"] * 500, np.zeros((500, 2), int))
+    store.insert(collection, rows_of(vectors, ["x.png"] * 500))
     store.build_index(collection, index_type, config.effective_index_params)
     _, ids = store.search(collection, vectors[:50], 1, config.effective_search_params)
     assert (ids[:, 0] == np.arange(50)).mean() >= 0.9

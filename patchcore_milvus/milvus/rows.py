@@ -1,0 +1,248 @@
+"""A bank version's collection: its schema, its rows in and out, its search, and the rows that
+hold its description.
+
+Fields: `id` (0..n-1 for bank vectors), `embedding` (the patch feature), `image`, `patch_y`,
+`patch_x` (where it came from), `description` (empty for bank rows). The bank's vectors live in
+the `_default` partition; the description, as ASCII JSON in chunks under Milvus' VARCHAR limit,
+in rows with negative ids of the `description` partition, so that it is created and dropped
+with the vectors it describes (Milvus 2.3 forgets collection properties on restart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from patchcore_milvus.description import BankDescription
+from patchcore_milvus.errors import StoreError, StoreUnavailableError
+from patchcore_milvus.milvus.connection import Connection
+
+VECTOR_FIELD = "embedding"
+DESCRIPTION_FIELD = "description"
+DESCRIPTION_PARTITION = "description"
+BANK_PARTITION = "_default"
+DESCRIPTION_CHUNK = 60000  # characters of ASCII JSON per row, under Milvus' 65,535-byte VARCHAR limit
+INSERT_BYTES = 32 * 1024 * 1024  # well under Milvus' 64 MiB message limit
+MAX_NQ = 16384  # Milvus' limit on queries per search call
+_ROW_FIELDS = [VECTOR_FIELD, "image", "patch_y", "patch_x"]
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """Bank vectors and where each came from, as columns."""
+
+    ids: np.ndarray  # (n,) int64
+    vectors: np.ndarray  # (n, dim) float32
+    images: list[str]  # the training image of each vector, relative to its root
+    positions: np.ndarray  # (n, 2) int: patch y, x in that image's grid
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def concatenate(self, other: BankRows) -> BankRows:
+        """These rows, then `other`'s renumbered to follow them."""
+        return BankRows(
+            ids=np.arange(len(self) + len(other)),
+            vectors=np.concatenate([self.vectors, other.vectors]),
+            images=[*self.images, *other.images],
+            positions=np.concatenate([self.positions, other.positions]),
+        )
+
+    def source(self, i: int) -> dict[str, Any]:
+        """Where row i came from: image and patch position (for JSON)."""
+        return {"image": self.images[i], "patch_y": int(self.positions[i, 0]), "patch_x": int(self.positions[i, 1])}
+
+    @classmethod
+    def from_milvus(cls, rows: list[dict[str, Any]]) -> BankRows:
+        return cls(
+            ids=np.array([row["id"] for row in rows], dtype=np.int64),
+            vectors=np.array([row[VECTOR_FIELD] for row in rows], dtype=np.float32).reshape(len(rows), -1),
+            images=[row["image"] for row in rows],
+            positions=np.array([[row["patch_y"], row["patch_x"]] for row in rows], dtype=np.int32).reshape(-1, 2),
+        )
+
+
+def create_collection(connection: Connection, name: str, category: str, dim: int) -> None:
+    schema = MilvusClient.create_schema(auto_id=False, description=f"patchcore-milvus bank of {category}")
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("image", DataType.VARCHAR, max_length=2048)
+    schema.add_field("patch_y", DataType.INT32)
+    schema.add_field("patch_x", DataType.INT32)
+    schema.add_field(DESCRIPTION_FIELD, DataType.VARCHAR, max_length=65535)
+    connection.call("create_collection", lambda c, t: c.create_collection(name, schema=schema, timeout=t))
+    connection.call("create_partition", lambda c, t: c.create_partition(name, DESCRIPTION_PARTITION, timeout=t))
+
+
+def insert(connection: Connection, collection: str, rows: BankRows) -> None:
+    """In batches under the message size limit."""
+    per_batch = max(1, INSERT_BYTES // (rows.vectors.shape[1] * 4 + 2048 + 16))
+    for start in range(0, len(rows), per_batch):
+        batch = [
+            {
+                "id": int(rows.ids[i]),
+                VECTOR_FIELD: rows.vectors[i].tolist(),
+                "image": rows.images[i],
+                "patch_y": int(rows.positions[i, 0]),
+                "patch_x": int(rows.positions[i, 1]),
+                DESCRIPTION_FIELD: "",
+            }
+            for i in range(start, min(start + per_batch, len(rows)))
+        ]
+        connection.call(
+            "insert", lambda c, t, batch=batch: c.insert(collection, batch, partition_name=BANK_PARTITION, timeout=t)
+        )
+
+
+def build_index(connection: Connection, collection: str, index_type: str, params: dict[str, Any]) -> None:
+    """Flush (unflushed rows would be searched by brute force), index, load."""
+    connection.call("flush", lambda c, t: c.flush(collection, timeout=t), long=True)
+    index = connection.client.prepare_index_params()
+    # As one JSON "params" entry: pymilvus 3 would send each parameter as its own key, which
+    # Milvus Lite 3.2 ignores (it built IVF with its default nlist and HNSW with its default M
+    # whatever was asked); Milvus servers read both forms.
+    index.add_index(VECTOR_FIELD, index_type=index_type, metric_type="L2", params={"params": params})
+    connection.call("create_index", lambda c, t: c.create_index(collection, index, timeout=t), long=True)
+    load(connection, collection)
+
+
+def load(connection: Connection, collection: str) -> None:
+    """Load into memory for search (a no-op when loaded); Milvus Lite releases every collection
+    when its file is reopened."""
+    connection.call("load_collection", lambda c, t: c.load_collection(collection, timeout=t), long=True)
+
+
+def search(
+    connection: Connection, collection: str, vectors: np.ndarray, top_k: int, search_params: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest bank rows of each vector: (Euclidean distances, ids), each (n, top_k).
+
+    Milvus reports squared L2; the square root turns it into PatchCore's distance. An HNSW
+    search explores at least `top_k` candidates (Milvus refuses ef < top_k, and Milvus Lite
+    would return fewer hits). Queries without a hit keep distance inf and id -1.
+    """
+    if "ef" in search_params:
+        search_params = {**search_params, "ef": max(int(search_params["ef"]), top_k)}
+    squared = np.full((len(vectors), top_k), np.inf, dtype=np.float32)
+    ids = np.full((len(vectors), top_k), -1, dtype=np.int64)
+    for start in range(0, len(vectors), MAX_NQ):
+        block = vectors[start : start + MAX_NQ]
+        hits = connection.call(
+            "search",
+            lambda c, t, block=block: c.search(
+                collection,
+                data=block,
+                anns_field=VECTOR_FIELD,
+                limit=top_k,
+                output_fields=["id"],
+                partition_names=[BANK_PARTITION],
+                search_params={"metric_type": "L2", "params": search_params},
+                timeout=t,
+            ),
+        )
+        for row, neighbours in enumerate(hits, start=start):  # ids and distances, without a dict per hit
+            found = len(neighbours.ids)
+            squared[row, :found] = neighbours.distances
+            ids[row, :found] = neighbours.ids
+    return np.sqrt(np.maximum(squared, 0.0)), ids
+
+
+def get_rows(connection: Connection, collection: str, ids: Iterable[int]) -> BankRows:
+    """Stored rows for `ids`, in the order given (repeats allowed)."""
+    wanted = [int(i) for i in ids]
+    unique = sorted(set(wanted))
+    found = connection.call("get", lambda c, t: c.get(collection, ids=unique, output_fields=_ROW_FIELDS, timeout=t))
+    by_id = {row["id"]: row for row in found}
+    missing = sorted(set(wanted) - set(by_id))
+    if missing:
+        raise StoreError(f"collection {collection} has no rows with ids {missing[:5]}")
+    return BankRows.from_milvus([by_id[i] for i in wanted])
+
+
+def read_rows(connection: Connection, collection: str, chunk: int = 10000) -> BankRows:
+    """Every bank row of a collection, in id order (ingest numbers them 0..n-1)."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, vector_count(connection, collection), chunk):
+        part = connection.call(
+            "query",
+            lambda c, t, start=start: c.query(
+                collection,
+                filter=f"id >= {start} and id < {start + chunk}",
+                output_fields=_ROW_FIELDS,
+                partition_names=[BANK_PARTITION],
+                limit=chunk,
+                timeout=t,
+            ),
+        )
+        rows.extend(sorted(part, key=lambda row: row["id"]))
+    if not rows:
+        raise StoreError(f"collection {collection} holds no vectors")
+    return BankRows.from_milvus(rows)
+
+
+def vector_count(connection: Connection, collection: str) -> int:
+    stats = connection.call(
+        "get_partition_stats", lambda c, t: c.get_partition_stats(collection, BANK_PARTITION, timeout=t)
+    )
+    return int(stats["row_count"])
+
+
+def dim(connection: Connection, collection: str) -> int:
+    fields = connection.call("describe_collection", lambda c, t: c.describe_collection(collection, timeout=t))["fields"]
+    return int(next(f["params"]["dim"] for f in fields if f["name"] == VECTOR_FIELD))
+
+
+def write_description(connection: Connection, collection: str, description: BankDescription) -> None:
+    """As ASCII JSON in rows with negative ids (never pickle); each row knows the number of
+    chunks (in `patch_y`), so that a lost one is noticed."""
+    text = description.to_json()
+    chunks = [text[i : i + DESCRIPTION_CHUNK] for i in range(0, len(text), DESCRIPTION_CHUNK)]
+    zeros = [0.0] * dim(connection, collection)
+    rows = [
+        {"id": -1 - k, VECTOR_FIELD: zeros, "image": "", "patch_y": len(chunks), "patch_x": k, DESCRIPTION_FIELD: chunk}
+        for k, chunk in enumerate(chunks)
+    ]
+    connection.call("insert", lambda c, t: c.insert(collection, rows, partition_name=DESCRIPTION_PARTITION, timeout=t))
+    connection.call("flush", lambda c, t: c.flush(collection, timeout=t), long=True)
+
+
+def read_description(connection: Connection, collection: str) -> BankDescription | None:
+    """None for a version that never got its description (its ingest was interrupted, or
+    another tool made it); a damaged one is an error."""
+    try:
+        load(connection, collection)
+    except StoreUnavailableError:
+        raise
+    except StoreError as exc:
+        # No index yet: interrupted before indexing. Any other failure is not a verdict on the
+        # version (publish would drop it as incomplete), so it is raised.
+        if exc.code == 700 or "index" in str(exc).lower():
+            return None
+        raise
+    has = connection.call("has_partition", lambda c, t: c.has_partition(collection, DESCRIPTION_PARTITION, timeout=t))
+    if not has:
+        return None  # not made by this patchcore-milvus (another tool, or a version before 0.2)
+    rows = connection.call(
+        "query",
+        lambda c, t: c.query(
+            collection,
+            filter="id < 0",
+            output_fields=[DESCRIPTION_FIELD, "patch_y"],
+            partition_names=[DESCRIPTION_PARTITION],
+            consistency_level="Strong",
+            timeout=t,
+        ),
+    )
+    if not rows:
+        return None
+    text = "".join(row[DESCRIPTION_FIELD] for row in sorted(rows, key=lambda row: -row["id"]))
+    try:
+        if any(row["patch_y"] != len(rows) for row in rows):
+            raise ValueError(f"{len(rows)} of {rows[0]['patch_y']} parts found")
+        return BankDescription.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise StoreError(f"the description of {collection} is damaged ({exc!r}); re-ingest the category") from exc
