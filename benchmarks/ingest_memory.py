@@ -31,25 +31,25 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from patchcore_milvus.images import list_images
 
-CHILD = """
-import json, sys, torch
-from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+def ingest_in_this_process(spec: dict) -> None:
+    """The child: one ingest, its figures as a JSON line on stdout."""
+    import torch
 
-from patchcore_milvus.images import list_images
-from patchcore_milvus import Config, fit_bank
-from patchcore_milvus.images import list_images
-args = json.loads(sys.argv[1])
-torch.set_num_threads(2)
-images = [Path(p) for p in args["images"]]
-config = Config(uri=args["uri"], backbone=args["backbone"], weights=args["weights"],
-                coreset_size=args["coreset_size"], coreset_ratio=args["coreset_ratio"], progress=False)
-summary = fit_bank("bottle", images, config)
-print(json.dumps({"patches": summary.patches, "dim": summary.dim, "coreset": summary.coreset_size,
-                  "seconds": summary.seconds}))
-"""
+    from patchcore_milvus import Config, fit_bank
+
+    torch.set_num_threads(2)
+    config = Config(
+        uri=spec["uri"],
+        backbone=spec["backbone"],
+        weights=spec["weights"],
+        coreset_size=spec["coreset_size"],
+        coreset_ratio=spec["coreset_ratio"],
+        progress=False,
+    )
+    summary = fit_bank("bottle", [Path(p) for p in spec["images"]], config)
+    print(json.dumps({"patches": summary.patches, "dim": summary.dim, "coreset": summary.coreset_size,
+                      "seconds": summary.seconds}))
 
 
 def augmented(path: Path, seed: int, folder: Path) -> Path:
@@ -97,7 +97,9 @@ def main() -> None:
                 "coreset_ratio": args.coreset_ratio or 0.1,
             }
             started = time.perf_counter()
-            child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+            )
             seconds = time.perf_counter() - started
             if child.returncode != 0:
                 sys.exit(child.stderr)
@@ -113,4 +115,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:  # measured in a process of its own, so that its peak RSS is its own
+        ingest_in_this_process(json.loads(sys.argv[2]))
+    else:
+        main()

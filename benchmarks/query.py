@@ -18,7 +18,6 @@ and the median time per image of each stage is printed.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,10 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bank_copy import copy_bank
-from milvus_server import MilvusTestServer, network_isolation_problem
 
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.config import Config
@@ -39,11 +35,12 @@ from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images, load_rgb
 from patchcore_milvus.ingest import fit_bank
 from patchcore_milvus.milvus import BankStore
+from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # queries -> (distances, ids), k = 1
 
 
-def test_images(data: Path, count: int) -> list[Path]:
+def spread_test_images(data: Path, count: int) -> list[Path]:
     """`count` test images spread evenly over bottle's defect types and good ones."""
     paths = sorted((data / "bottle" / "test").rglob("*.png"))
     return [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
@@ -116,7 +113,7 @@ def main() -> None:
         vectors = store.read_vectors(version).astype(np.float32)
         params = config.effective_search_params
 
-        paths = test_images(args.data, args.images)
+        paths = spread_test_images(args.data, args.images)
         features = FeaturePipeline(config)
         batches = []
         for begin in range(0, len(paths), config.batch_size):

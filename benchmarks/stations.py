@@ -22,15 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bank_copy import copy_bank
-from milvus_server import MilvusTestServer, network_isolation_problem
 
 from patchcore_milvus.config import Config
 from patchcore_milvus.images import list_images
 from patchcore_milvus.ingest import fit_bank
 from patchcore_milvus.milvus import BankStore
+from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 
 def station(uri: str, count: int, start_at: float, out: Path, data: Path) -> None:

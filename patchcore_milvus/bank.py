@@ -22,7 +22,13 @@ from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore
-from patchcore_milvus.scoring import anomaly_maps, reweighting_factor, settle_largest, to_original_size
+from patchcore_milvus.scoring import (
+    anomaly_maps,
+    image_scores,
+    reweighting_factor,
+    settle_largest,
+    to_original_size,
+)
 
 
 @dataclass
@@ -235,8 +241,8 @@ class Bank:
                 # keeping fewer versions, or a drop): look the alias up again, once.
                 if attempt == 2 or self.category is None:
                     raise
-        distances, ids, rechecked, nearest_rows, weights = found
-        worst = distances.argmax(axis=1)
+        distances, ids, rechecked, worst, nearest_rows, weights = found
+        scores = image_scores(distances, worst, weights)
         t2 = time.perf_counter()
         maps = anomaly_maps(
             torch.from_numpy(distances.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
@@ -246,7 +252,7 @@ class Bank:
             results.append(
                 Inspection(
                     path=extracted.names[i],
-                    image_score=float(distances[i, worst[i]] * weights[i]),
+                    image_score=float(scores[i]),
                     image_threshold=self.image_threshold,
                     pixel_threshold=self.pixel_threshold,
                     anomaly_map=to_original_size(maps[i], self.features.preprocess, *image.size),
@@ -271,11 +277,11 @@ class Bank:
 
     def _search_batch(
         self, version: str, patches: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, BankRows, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BankRows, np.ndarray]:
         """For n images x p patches x dim, all from `version`: each patch's distance to and id of
         its nearest bank vector (n, p), with each image's largest distances settled by the recheck
         search; how many patches of each image were rechecked; the bank row nearest to each
-        image's worst patch; and each image's eq. 7 weight."""
+        image's worst patch (its index, and the row); and each image's eq. 7 weight."""
         n, p, dim = patches.shape
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
@@ -290,7 +296,7 @@ class Bank:
         weights = np.ones(n)
         if self.config.reweight:
             weights = self._reweighting(version, patches[np.arange(n), worst], nearest_rows)
-        return distances, ids, rechecked, nearest_rows, weights
+        return distances, ids, rechecked, worst, nearest_rows, weights
 
     def _reweighting(self, version: str, worst_patches: np.ndarray, nearest: BankRows) -> np.ndarray:
         """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank, found

@@ -92,6 +92,13 @@ def settle_largest(
         checked[rows, cols] = True
 
 
+def image_scores(distances: np.ndarray, worst: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """PatchCore's image score (eq. 6 and 7): s = w * s*, with s* = max_p d(p) the distance of the
+    most anomalous patch m_test* (index `worst` of each image's row in `distances`, (n, p)) and w
+    its re-weighting (1 where re-weighting is off)."""
+    return distances[np.arange(len(distances)), worst] * weights
+
+
 def reweighting_factor(test_patch: np.ndarray, candidates: np.ndarray) -> float:
     """Weight of the image score, PatchCore eq. 7.
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from milvus_server import MilvusTestServer, network_isolation_problem
 from PIL import Image
 
 from patchcore_milvus.config import Config
@@ -18,6 +17,7 @@ from patchcore_milvus.description import (
     IndexDescription,
     TrainingImages,
 )
+from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 torch.set_num_threads(2)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import textured_image
-from milvus_server import ROOT_TOKEN
+
+from patchcore_milvus.testing.milvus_server import ROOT_TOKEN
 
 CLI = [sys.executable, "-c", "from patchcore_milvus.cli import main; main()"]
 # What ingest prints when it enters each stage (progress bars, then its stage lines).

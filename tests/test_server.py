@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import yaml
 from conftest import textured_image
-from milvus_server import ROOT_TOKEN
 
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.config import Config
@@ -23,6 +22,7 @@ from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images
 from patchcore_milvus.ingest import fit_bank
 from patchcore_milvus.milvus import BankStore
+from patchcore_milvus.testing.milvus_server import ROOT_TOKEN
 
 pytestmark = pytest.mark.server
 
