@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from bank_copy import copy_bank
 
+from patchcore_milvus.ann_check import recall_at_1
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.config import Config
 from patchcore_milvus.exact import ExactSearch
@@ -47,19 +48,20 @@ def spread_test_images(data: Path, count: int) -> list[Path]:
 
 
 def time_search(
-    search: Search, batches: list[np.ndarray], exact: list[np.ndarray], patches_per_image: int
+    search: Search, batches: list[np.ndarray], exact: list[tuple[np.ndarray, np.ndarray]], patches_per_image: int
 ) -> tuple[float, float]:
-    """Median ms per image over the batches (after one warm-up call), and recall@1 against exact."""
+    """Median ms per image over the batches (after one warm-up call), and recall@1 against exact
+    (ann_check's definition: the same row, or one at the same distance)."""
     search(batches[0])
-    per_image, correct, total = [], 0, 0
-    for queries, exact_distances in zip(batches, exact):
+    per_image, hits = [], []
+    for queries, (exact_distances, exact_ids) in zip(batches, exact):
         images = len(queries) // patches_per_image
         start = time.perf_counter()
-        distances, _ = search(queries)
+        distances, ids = search(queries)
         per_image.append((time.perf_counter() - start) * 1000 / images)
-        correct += int(np.sum(distances[:, 0] <= exact_distances * (1 + 1e-4) + 1e-6))
-        total += len(queries)
-    return float(np.median(per_image)), correct / total
+        norms = np.linalg.norm(queries, axis=1)
+        hits.append(recall_at_1(distances[:, 0], ids[:, 0], exact_distances, exact_ids, norms) * len(queries))
+    return float(np.median(per_image)), sum(hits) / sum(len(q) for q in batches)
 
 
 def faiss_search(index: faiss.Index) -> Search:
@@ -120,7 +122,7 @@ def main() -> None:
             images = [features.preprocess(load_rgb(p)) for p in paths[begin : begin + config.batch_size]]
             batches.append(features(torch.stack(images)).reshape(-1, features.dim).numpy())
         exact_search = ExactSearch(vectors)
-        exact = [exact_search(queries, 1)[0][:, 0] for queries in batches]
+        exact = [tuple(column[:, 0] for column in exact_search(queries, 1)) for queries in batches]
 
         hnsw = faiss.IndexHNSWFlat(vectors.shape[1], config.effective_index_params["M"])
         hnsw.hnsw.efConstruction = config.effective_index_params["efConstruction"]

@@ -45,9 +45,11 @@ class Inspection:
     timings_ms: dict[str, float]
     # The RGB image as scored, for drawing overlays.
     image: Image.Image = field(repr=False)
-    # Per patch (h, w): distance to and id of the nearest bank vector.
+    # Per patch (h, w): distance to and id of the nearest bank vector, and the patch feature's norm
+    # (what float32 rounding of a distance scales with, see ann_check.same_distance).
     patch_distances: np.ndarray = field(repr=False)
     patch_ids: np.ndarray = field(repr=False)
+    patch_norms: np.ndarray = field(repr=False)
     # The bank version (collection) that scored it.
     bank_version: str = ""
     # Patches whose distance was settled by the precise recheck search (see scoring.settle_largest).
@@ -243,6 +245,7 @@ class Bank:
                     raise
         distances, ids, rechecked, worst, nearest_rows, weights = found
         scores = image_scores(distances, worst, weights)
+        norms = np.linalg.norm(patches, axis=-1)
         t2 = time.perf_counter()
         maps = anomaly_maps(
             torch.from_numpy(distances.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
@@ -261,6 +264,7 @@ class Bank:
                     image=image,
                     patch_distances=distances[i].reshape(h, w),
                     patch_ids=ids[i].reshape(h, w),
+                    patch_norms=norms[i],
                     bank_version=version,
                     rechecked_patches=int(rechecked[i]),
                 )

@@ -123,9 +123,8 @@ class _Group(click.Group):
     """Prints our errors and Milvus' as one clear message, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        # pymilvus logs a traceback for every failed call, retried or not; our errors say what matters,
-        # and our warnings (a Milvus call being retried) are one line each.
-        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+        # Our warnings (a Milvus call being retried) are one line each; pymilvus' own tracebacks are
+        # silenced where it is used (milvus/connection.py).
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         ours = logging.getLogger("patchcore_milvus")

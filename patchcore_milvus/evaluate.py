@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from patchcore_milvus.ann_check import recall_at_1
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.errors import ImageError
 from patchcore_milvus.metrics import aupro, auroc, f1_iou, pro_curve, roc_curve
@@ -33,12 +34,13 @@ class ScoredSet:
     maps: list[np.ndarray] = field(repr=False)  # at the evaluation size
     patch_distances: list[np.ndarray] = field(repr=False)
     patch_ids: list[np.ndarray] = field(repr=False)
+    patch_norms: list[np.ndarray] = field(repr=False)
     timings_ms: dict[str, np.ndarray]
     seconds: float
 
 
 def score_set(bank: Bank, images: list[LabelledImage], pixel_size: int, label: str, progress: bool) -> ScoredSet:
-    scores, maps, distances, ids, timings = [], [], [], [], []
+    scores, maps, distances, ids, norms, timings = [], [], [], [], [], []
     started = time.perf_counter()
     results = bank.score_paths([i.path for i in images])
     for _, result in tqdm(results, total=len(images), desc=f"scoring ({label})", unit="img", disable=not progress):
@@ -48,12 +50,14 @@ def score_set(bank: Bank, images: list[LabelledImage], pixel_size: int, label: s
         maps.append(resize_map(result.anomaly_map, pixel_size))
         distances.append(result.patch_distances)
         ids.append(result.patch_ids)
+        norms.append(result.patch_norms)
         timings.append(result.timings_ms)
     return ScoredSet(
         scores=np.array(scores),
         maps=maps,
         patch_distances=distances,
         patch_ids=ids,
+        patch_norms=norms,
         timings_ms={stage: np.array([t[stage] for t in timings]) for stage in STAGES},
         seconds=time.perf_counter() - started,
     )
@@ -118,13 +122,10 @@ def set_metrics(
 
 def patch_recall_at_1(approximate: ScoredSet, exact: ScoredSet) -> float:
     """Share of test patches whose Milvus neighbour is an exact nearest neighbour (same id, or a tie)."""
-    hits = total = 0
-    for a_ids, a_dist, e_ids, e_dist in zip(
-        approximate.patch_ids, approximate.patch_distances, exact.patch_ids, exact.patch_distances
-    ):
-        hits += int(((a_ids == e_ids) | np.isclose(a_dist, e_dist, rtol=1e-5, atol=1e-6)).sum())
-        total += a_ids.size
-    return hits / total
+    joined = [np.concatenate([a.ravel() for a in arrays]) for arrays in (
+        approximate.patch_distances, approximate.patch_ids, exact.patch_distances, exact.patch_ids, exact.patch_norms
+    )]
+    return recall_at_1(*joined)
 
 
 @dataclass
