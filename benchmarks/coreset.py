@@ -63,7 +63,8 @@ def main() -> None:
 
     paths = list_images(args.data / args.category / "train" / "good")[: args.images]
     with tempfile.TemporaryDirectory() as folder:
-        patches = extract_patches(FeaturePipeline(Config()), paths, 8, 128, args.seed, Path(folder), progress=True)
+        pipeline = FeaturePipeline.from_config(Config())
+        patches = extract_patches(pipeline, paths, 8, 128, args.seed, Path(folder), progress=True)
         features = torch.from_numpy(np.array(patches.full))
     projected = patches.projected
     size = coreset_size(len(features), args.ratio, None)

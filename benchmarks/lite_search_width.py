@@ -37,10 +37,10 @@ def main() -> None:
         store = BankStore.from_config(config)
         version = store.resolve("bottle")
         paths = sorted((args.data / "bottle" / "test").rglob("*.png"))[::4][:16]
-        features = FeaturePipeline(config)
-        patches = features(torch.stack([features.preprocess(load_rgb(p)) for p in paths]))
+        features = FeaturePipeline.from_config(config)
+        patches = features(np.stack([features.preprocess(load_rgb(p)) for p in paths]))
         per_image = patches.shape[1] * patches.shape[2]
-        queries = patches.reshape(-1, features.dim).numpy()
+        queries = patches.reshape(-1, features.dim)
         exact = ExactSearch(store.read_vectors(version))(queries, 1)[0][:, 0]
         print(f"{len(paths)} images, {per_image} patches each; | ef | images per call | ms per image | recall@1 |")
         for ef in (16, 32, 64):

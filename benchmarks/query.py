@@ -116,11 +116,11 @@ def main() -> None:
         params = config.effective_search_params
 
         paths = spread_test_images(args.data, args.images)
-        features = FeaturePipeline(config)
+        features = FeaturePipeline.from_config(config)
         batches = []
         for begin in range(0, len(paths), config.batch_size):
             images = [features.preprocess(load_rgb(p)) for p in paths[begin : begin + config.batch_size]]
-            batches.append(features(torch.stack(images)).reshape(-1, features.dim).numpy())
+            batches.append(features(np.stack(images)).reshape(-1, features.dim))
         exact_search = ExactSearch(vectors)
         exact = [tuple(column[:, 0] for column in exact_search(queries, 1)) for queries in batches]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from patchcore_milvus.config import BACKBONE_NORMALIZATION
 from patchcore_milvus.errors import WeightsUnavailableError
 
 RANDOM_WEIGHTS = "random"
@@ -108,7 +109,8 @@ def _efficientnet_lite0(weights: str | None, seed: int) -> Backbone:
     body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
     body_state = body.state_dict()
     body.load_state_dict({k: v for k, v in full.state_dict().items() if k in body_state})
-    return Backbone(body, layers=("blocks.2", "blocks.3"), channels=(40, 112), normalization="half")
+    normalization = BACKBONE_NORMALIZATION["efficientnet_lite0"]
+    return Backbone(body, layers=("blocks.2", "blocks.3"), channels=(40, 112), normalization=normalization)
 
 
 class _ResNetStages(nn.Module):
@@ -144,4 +146,5 @@ def _wide_resnet50_2(weights: str | None, seed: int) -> Backbone:
         model.load_state_dict(state)
     elif weights != RANDOM_WEIGHTS:
         _load_by_order(model, _load_state_dict_file(Path(weights)), weights)
-    return Backbone(_ResNetStages(model), layers=("layer2", "layer3"), channels=(512, 1024), normalization="imagenet")
+    normalization = BACKBONE_NORMALIZATION["wide_resnet50_2"]
+    return Backbone(_ResNetStages(model), ("layer2", "layer3"), channels=(512, 1024), normalization=normalization)

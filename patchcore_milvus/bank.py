@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from patchcore_milvus.ann_check import recheck_params
-from patchcore_milvus.config import DEFAULT_SEARCH_PARAMS, Config, check_params
-from patchcore_milvus.description import BankDescription
+from patchcore_milvus.config import BACKBONE_NORMALIZATION, DEFAULT_SEARCH_PARAMS, Config, check_params
+from patchcore_milvus.description import BankDescription, ExtractorDescription
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
-from patchcore_milvus.images import load_rgb
+from patchcore_milvus.images import NORMALIZATION_STATS, load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore
 from patchcore_milvus.scoring import (
     anomaly_maps,
@@ -138,7 +138,7 @@ class Bank:
         store = store or BankStore.from_config(config)
         version = store.resolve(category)
         description = store.read_description(version)
-        features = features or FeaturePipeline(config)
+        features = features or bank_extractor(store, version, description, config)
         check_extractor(category, description, features)
         return cls(store, category, version, description, features, config)
 
@@ -156,6 +156,8 @@ class Bank:
         version = self.store.follow_alias(self.category)
         if version != self.version:
             description = self.store.read_description(version)
+            if description.extractor != self.features.description:  # re-ingested with another extractor
+                self.features = bank_extractor(self.store, version, description, self.config)
             check_extractor(self.category, description, self.features)
             self._use(version, description)
 
@@ -224,7 +226,7 @@ class Bank:
         start = time.perf_counter()
         patches = None
         if images:
-            patches = self.features(torch.stack([self.features.preprocess(image) for image in images])).numpy()
+            patches = self.features(np.stack([self.features.preprocess(image) for image in images]))
         return Extracted(names, images, patches, load_ms, (time.perf_counter() - start) * 1000)
 
     def score_extracted(self, extracted: Extracted) -> list[Inspection]:
@@ -355,6 +357,45 @@ def _next_batch(
 ) -> Future[Extracted] | None:
     batch = next(batches, None)
     return None if batch is None else worker.submit(job, batch)
+
+
+def bank_extractor(store: BankStore, version: str, description: BankDescription, config: Config) -> FeaturePipeline:
+    """The extractor a bank version was built with: its own ONNX model, run on ONNX Runtime,
+    without torch or the weights. Extractor options set away from their defaults must agree
+    with the bank (a station asking for something else is refused, naming the difference).
+    On `runtime: torch`, with a weights file named, or for a bank that carries no model, the
+    extractor is built from the options and must match the bank's checksum exactly."""
+    if config.runtime == "torch" or config.weights is not None or description.extractor_model is None:
+        return FeaturePipeline.from_config(config)
+    asked = requested_differences(config, description.extractor)
+    if asked:
+        raise BankMismatchError(
+            f"the feature extractor does not match bank {description.category!r}:\n  " + "\n  ".join(asked)
+            + "\nLeave the extractor options out (the bank carries its own), or re-ingest with them."
+        )
+    model = store.read_model(version)
+    return FeaturePipeline.from_model(description.extractor, description.extractor_model, model, config)
+
+
+def requested_differences(config: Config, bank: ExtractorDescription) -> list[str]:
+    """The extractor options `config` sets away from their defaults that differ from the bank's."""
+    default = Config()
+    asked = {
+        "backbone": (config.backbone, bank.backbone),
+        "image_size": (config.image_size, bank.image_size),
+        "center_crop": (config.center_crop, bank.center_crop),
+        "target_dim": (config.target_dim, bank.target_dim),
+    }
+    lines = [
+        f"{name}: bank has {theirs!r}, this query uses {ours!r}"
+        for name, (ours, theirs) in asked.items()
+        if ours != getattr(default, name) and ours != theirs
+    ]
+    if config.normalization != default.normalization:
+        wanted = NORMALIZATION_STATS[BACKBONE_NORMALIZATION[bank.backbone]]
+        if (tuple(bank.normalization["mean"]), tuple(bank.normalization["std"])) != wanted:
+            lines.append(f"normalization: bank has {bank.normalization!r}, this query uses {config.normalization!r}")
+    return lines
 
 
 def check_extractor(category: str, description: BankDescription, features: FeaturePipeline) -> None:

@@ -16,6 +16,9 @@ import yaml
 from patchcore_milvus.errors import ConfigError
 
 BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
+# The input statistics each backbone's weights were trained with (`normalization: backbone`).
+BACKBONE_NORMALIZATION = {"efficientnet_lite0": "half", "wide_resnet50_2": "imagenet"}
+RUNTIMES = ("onnx", "torch")
 NORMALIZATIONS = ("imagenet", "backbone")
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
@@ -126,7 +129,9 @@ class Config:
         False, "Stop at the first unusable image (default: skip it, say why).", flag="--strict/--skip-bad"
     )
 
-    # Runtime.
+    # Runtime. `onnx`: ingest exports the extractor to ONNX and the bank carries it; queries run
+    # the bank's model on ONNX Runtime. `torch`: the torch reference, built from the options.
+    runtime: str = _option("onnx", "Where the extractor runs.", choices=RUNTIMES)
     batch_size: int = _option(8, "Images per batch.")
     num_threads: int | None = _option(None, "CPU threads for torch (default: all cores).")
     progress: bool = _option(True, "Progress bars.")
@@ -255,6 +260,7 @@ def _check_values(c: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    require(c.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}, got {c.runtime!r}")
     require(c.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {c.backbone!r}")
     require(
         c.normalization in NORMALIZATIONS,

@@ -2,7 +2,7 @@
 
 A version's description is stored beside its vectors (see milvus/rows.py) as JSON; these typed
 objects are what the rest of the package reads. `SCHEMA` counts format changes: 1 added the
-measured search widths; descriptions without a schema (0) are read with those left out.
+measured search widths, 2 the extractor model; older descriptions are read with those left out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from patchcore_milvus.ann_check import SearchWidths
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,15 @@ class ExtractorDescription:
         ours, theirs = asdict(self), asdict(query)
         different = [key for key in ours if ours[key] != theirs[key]]
         return [f"{key}: bank has {ours[key]!r}, this query uses {theirs[key]!r}" for key in different]
+
+
+@dataclass(frozen=True)
+class ExtractorModel:
+    """The extractor as the bank carries it (rows of its `extractor` partition)."""
+
+    format: str  # "onnx"
+    sha256: str
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class BankDescription:
     training_images: list[TrainingImages]
     search: SearchWidths | None = None  # None before schema 1
     thresholds: Thresholds | None = None  # set at ingest before the version is stored
+    extractor_model: ExtractorModel | None = None  # None before schema 2, or ingested on the torch runtime
     schema: int = SCHEMA
 
     def to_json(self) -> str:
@@ -121,5 +131,6 @@ class BankDescription:
             else Thresholds(
                 **{**thresholds, "holdout": [HeldOutImage(**entry) for entry in thresholds["holdout"]]}
             ),
+            extractor_model=ExtractorModel(**values["extractor_model"]) if values.get("extractor_model") else None,
             schema=values.get("schema", 0),
         )

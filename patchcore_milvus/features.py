@@ -1,69 +1,88 @@
-"""Locally aware patch features (PatchCore section 3.1): two stages, 3x3 neighbourhoods, one grid."""
+"""Images to patch features: preprocessing and an extractor on a runtime, torch-free at a station.
+
+The reference extractor is torch (`torch_extractor.py`); ingest exports it to ONNX and the bank
+carries the model (see milvus/rows.py), so that a station builds its extractor from the bank:
+`FeaturePipeline.from_model` needs only ONNX Runtime and numpy, never torch or the weights.
+`runtime: torch` runs the torch reference instead.
+"""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import hashlib
+import os
+from collections.abc import Callable
 
-from patchcore_milvus.backbones import Backbone, build_backbone
+import numpy as np
+
 from patchcore_milvus.config import Config
-from patchcore_milvus.description import ExtractorDescription
-from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess
-
-
-class PatchFeatureExtractor(nn.Module):
-    """Image batch (B, 3, H, W) -> patch embeddings (B, H/8, W/8, D)."""
-
-    def __init__(self, backbone: Backbone, target_dim: int | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.target_dim = target_dim
-
-    @property
-    def dim(self) -> int:
-        return self.target_dim or sum(self.backbone.channels)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        fine, coarse = self.backbone(images)
-        # Each patch sees its 3x3 neighbourhood; padding is left out of the average so that
-        # border patches are not dimmed (defects at the image border stay visible).
-        fine = F.avg_pool2d(fine, 3, stride=1, padding=1, count_include_pad=False)
-        coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1, count_include_pad=False)
-        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        patches = torch.cat([fine, coarse], dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
-        if self.target_dim is not None and self.target_dim != patches.shape[-1]:
-            b, h, w, c = patches.shape
-            pooled = F.adaptive_avg_pool1d(patches.reshape(-1, 1, c), self.target_dim)
-            patches = pooled.reshape(b, h, w, self.target_dim)
-        return patches.contiguous()
+from patchcore_milvus.description import ExtractorDescription, ExtractorModel
+from patchcore_milvus.errors import BankMismatchError
+from patchcore_milvus.images import Preprocess
 
 
 class FeaturePipeline:
-    """Preprocessing plus extractor, and the description a bank records to refuse mismatches."""
+    """Preprocessing plus extractor: (B, 3, H, W) float32 batches -> (B, H/8, W/8, D) patch
+    features; with the description a bank records to refuse mismatches, and, on ONNX Runtime,
+    the model itself."""
 
-    def __init__(self, config: Config):
-        backbone = build_backbone(config.backbone, config.weights, config.seed)
-        normalization = backbone.native_normalization if config.normalization == "backbone" else "imagenet"
-        mean, std = NORMALIZATION_STATS[normalization]
-        self.preprocess = Preprocess(config.image_size, config.center_crop, mean, std)
-        self.extractor = PatchFeatureExtractor(backbone, config.target_dim).eval()
-        self.description = ExtractorDescription(
-            backbone=config.backbone,
-            weights_sha256=backbone.weights_sha256(),
-            layers=list(backbone.layers),
-            image_size=config.image_size,
-            center_crop=config.center_crop,
-            normalization={"mean": list(mean), "std": list(std)},
-            aggregation="avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat",
-            target_dim=config.target_dim,
-            dim=self.extractor.dim,
+    def __init__(
+        self,
+        description: ExtractorDescription,
+        run: Callable[[np.ndarray], np.ndarray],
+        model: bytes | None = None,
+    ):
+        self.description = description
+        normalization = description.normalization
+        self.preprocess = Preprocess(
+            description.image_size, description.center_crop, tuple(normalization["mean"]), tuple(normalization["std"])
         )
+        self.run = run
+        self.model = model  # the ONNX model run, or None on torch
+
+    @classmethod
+    def from_config(cls, config: Config) -> FeaturePipeline:
+        """The configured backbone and weights (torch), run on the configured runtime."""
+        from patchcore_milvus import torch_extractor
+
+        extractor, description = torch_extractor.build(config)
+        if config.runtime == "torch":
+            import torch
+
+            def run(batch: np.ndarray) -> np.ndarray:
+                return extractor(torch.from_numpy(batch)).numpy()
+
+            return cls(description, run)
+        model = torch_extractor.export_onnx(extractor, config.center_crop or config.image_size)
+        return cls(description, _onnx_session(model, config.num_threads), model)
+
+    @classmethod
+    def from_model(cls, description: ExtractorDescription, stored: ExtractorModel, model: bytes, config: Config):
+        """A bank's own extractor, from the ONNX model it carries (checked against its checksum)."""
+        checksum = hashlib.sha256(model).hexdigest()
+        if checksum != stored.sha256:
+            raise BankMismatchError(
+                f"the extractor model stored with the bank is damaged (checksum {checksum[:12]}, recorded "
+                f"{stored.sha256[:12]}); re-ingest the category"
+            )
+        return cls(description, _onnx_session(model, config.num_threads), model)
 
     @property
     def dim(self) -> int:
-        return self.extractor.dim
+        return self.description.dim
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.extractor(batch)
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(np.ascontiguousarray(batch, dtype=np.float32))
+
+
+def _onnx_session(model: bytes, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"images": batch})[0]
+
+    return run

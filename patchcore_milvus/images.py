@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from patchcore_milvus.errors import ImageError
@@ -79,13 +78,13 @@ class Preprocess:
     def input_size(self) -> int:
         return self.center_crop or self.image_size
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """(3, input_size, input_size) float32."""
         resized = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         if self.center_crop is not None:
             offset = (self.image_size - self.center_crop) // 2
             resized = resized.crop((offset, offset, offset + self.center_crop, offset + self.center_crop))
-        array = np.asarray(resized, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (tensor - mean) / std
+        array = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(((array - mean) / std).transpose(2, 0, 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from patchcore_milvus import __version__
 from patchcore_milvus.ann_check import PROBE_PATCHES, SearchWidths, choose_search_widths
-from patchcore_milvus.bank import Bank, check_extractor
+from patchcore_milvus.bank import Bank, bank_extractor, check_extractor
 from patchcore_milvus.config import Config
 from patchcore_milvus.coreset import (
     coreset_size,
@@ -28,6 +29,7 @@ from patchcore_milvus.coreset import (
 from patchcore_milvus.description import (
     BankDescription,
     CoresetDescription,
+    ExtractorModel,
     HeldOutImage,
     IndexDescription,
     Thresholds,
@@ -161,9 +163,9 @@ def extract_patches(
             bar.update(min(batch_size, len(paths) - start))
             if not loaded:
                 continue
-            patches = features(torch.stack(loaded))
+            patches = features(np.stack(loaded))
             n, h, w, d = patches.shape
-            flat = patches.reshape(-1, d)
+            flat = torch.from_numpy(patches.reshape(-1, d))
             handle.write(flat.numpy().tobytes())
             if rows == 0:  # every image gives the same grid: allocate once, no concatenation later
                 projected = torch.empty(len(paths) * h * w, d if matrix is None else matrix.shape[1])
@@ -214,10 +216,9 @@ class _Grown:
     rows: BankRows
 
     @classmethod
-    def read(cls, store: BankStore, category: str, features: FeaturePipeline) -> _Grown:
+    def read(cls, store: BankStore, category: str) -> _Grown:
         version = store.resolve(category)
         description = store.read_description(version)
-        check_extractor(category, description, features)
         if description.coreset.radius is None:
             raise BankMismatchError(
                 f"bank {version} predates --append (no covering radius recorded); re-ingest it once"
@@ -234,8 +235,12 @@ def _ingest(
     if not images:
         raise ImageError(f"no images to {'append to' if append else 'ingest for'} category {category!r}")
     store = store or BankStore.from_config(config)
-    features = FeaturePipeline(config)
-    grown = _Grown.read(store, category, features) if append else None
+    grown = _Grown.read(store, category) if append else None
+    if grown is None:
+        features = FeaturePipeline.from_config(config)
+    else:  # the grown bank's own extractor
+        features = bank_extractor(store, grown.version, grown.description, config)
+        check_extractor(category, grown.description, features)
     root, names = _names(images, root)
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
     # An append projects with the old bank's projection, so that distances compare with its radius.
@@ -323,6 +328,7 @@ def _ingest(
             training_images=[*old.training_images, replace(part, far_patches=far, added=len(picks))],
             search=None,
             thresholds=None,
+            extractor_model=None,
         )
         earlier = old.thresholds.holdout if old.thresholds else []
     held_out = [(images[i], names[i]) for i in held_idx]
@@ -405,6 +411,10 @@ def _publish(
     try:
         _say(config, f"milvus: inserting {len(rows)} vectors into {collection}")
         store.insert(collection, rows)
+        if features.model is not None:  # the bank carries its extractor
+            store.write_model(collection, features.model)
+            model = ExtractorModel("onnx", hashlib.sha256(features.model).hexdigest(), len(features.model))
+            description = replace(description, extractor_model=model)
         _say(config, f"milvus: building the {config.index_type} index")
         store.build_index(collection, config.index_type, config.effective_index_params)
         seconds["milvus"] = time.perf_counter() - t

@@ -131,14 +131,15 @@ def test_patches_stream_to_disk_and_only_the_projection_stays_in_memory(good_fol
     from patchcore_milvus.ingest import extract_patches
 
     paths = list_images(good_folder)[:5]
-    features = FeaturePipeline(Config(image_size=64))
+    features = FeaturePipeline.from_config(Config(image_size=64))
     patches = extract_patches(features, paths, 2, 16, 7, tmp_path, progress=False)
     assert isinstance(patches.full, np.memmap) and (tmp_path / "patches.f32").exists()
     assert patches.full.shape == (5 * 64, 152) and patches.projected.shape == (5 * 64, 16)
     # Batch by batch gives what one pass over everything gives.
     import torch
 
-    everything = features(torch.stack([features.preprocess(load_rgb(p)) for p in paths])).reshape(-1, 152)
+    batch = np.stack([features.preprocess(load_rgb(p)) for p in paths])
+    everything = torch.from_numpy(features(batch)).reshape(-1, 152)
     np.testing.assert_allclose(patches.full, everything.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(patches.projected, random_projection(everything, 16, 7), rtol=1e-3, atol=1e-4)
     assert patches.positions[64 * 3 + 9].tolist() == [3, 1, 1]  # image 3, row 1, column 1 of its 8x8 grid

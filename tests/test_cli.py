@@ -124,9 +124,15 @@ def test_collections_and_drop(ingested: str):
 
 def test_query_with_another_extractor_is_refused(ingested: str, tmp_path: Path):
     textured_image(100).save(tmp_path / "good.png")
-    result = CliRunner().invoke(main, ["query", "--category", "texture", "--uri", ingested, str(tmp_path / "good.png")])
+    settings = ["query", "--category", "texture", "--uri", ingested, str(tmp_path / "good.png")]
+    result = CliRunner().invoke(main, [*settings, "--image-size", "96"])
     assert result.exit_code == 2
     assert "does not match bank 'texture'" in result.output and "image_size: bank has 64" in result.output
+    # Without extractor options the bank's own extractor (64 px, carried by the bank) scores it.
+    same = CliRunner().invoke(main, [*settings, "--json"])
+    assert same.exit_code == 0, same.output
+    with_flags = json.loads(query(ingested, "--json", settings[-1]).output)
+    assert json.loads(same.output)["score"] == pytest.approx(with_flags["score"])
 
 
 def test_config_show_merges_file_and_flags_and_hides_the_secrets(tmp_path: Path, monkeypatch):

@@ -4,7 +4,8 @@ import torch
 from patchcore_milvus.backbones import build_backbone
 from patchcore_milvus.config import Config
 from patchcore_milvus.errors import WeightsUnavailableError
-from patchcore_milvus.features import FeaturePipeline, PatchFeatureExtractor
+from patchcore_milvus.features import FeaturePipeline
+from patchcore_milvus.torch_extractor import PatchFeatureExtractor
 
 
 def test_efficientnet_lite0_gives_152_dim_patches_on_the_stride_8_grid():
@@ -61,8 +62,8 @@ def test_neighbourhood_aggregation_smooths_the_feature_grid():
 
 
 def test_description_mismatch_names_the_difference():
-    base = FeaturePipeline(Config(image_size=64)).description
-    other = FeaturePipeline(Config(image_size=64, normalization="backbone")).description
+    base = FeaturePipeline.from_config(Config(image_size=64)).description
+    other = FeaturePipeline.from_config(Config(image_size=64, normalization="backbone")).description
     lines = base.differences(other)
     assert len(lines) == 1 and lines[0].startswith("normalization:")
 

@@ -63,7 +63,7 @@ def folder_of(tmp_path: Path, name: str, seeds: range) -> Path:
 def pinned_scores(config: Config, version: str, paths: list[Path]) -> dict[str, float]:
     """Scores against exactly `version`, whatever the alias says."""
     store = BankStore.from_config(config)
-    bank = Bank.pinned(store, version, store.read_description(version), FeaturePipeline(config), config)
+    bank = Bank.pinned(store, version, store.read_description(version), FeaturePipeline.from_config(config), config)
     return {path.name: result.image_score for path, result in bank.score_paths(paths)}
 
 

@@ -4,12 +4,14 @@ hold its description.
 Fields: `id` (0..n-1 for bank vectors), `embedding` (the patch feature), `image`, `patch_y`,
 `patch_x` (where it came from), `description` (empty for bank rows). The bank's vectors live in
 the `_default` partition; the description, as ASCII JSON in chunks under Milvus' VARCHAR limit,
-in rows with negative ids of the `description` partition, so that it is created and dropped
-with the vectors it describes (Milvus 2.3 forgets collection properties on restart).
+in rows with negative ids of the `description` partition, and the extractor's ONNX model, base64
+in chunks, in the `extractor` partition: so that both are created and dropped with the vectors
+they describe (Milvus 2.3 forgets collection properties on restart).
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,9 @@ from patchcore_milvus.milvus.connection import Connection
 VECTOR_FIELD = "embedding"
 DESCRIPTION_FIELD = "description"
 DESCRIPTION_PARTITION = "description"
+EXTRACTOR_PARTITION = "extractor"
 BANK_PARTITION = "_default"
+_MODEL_FIRST_ID = -1_000_000  # extractor chunks: ids -1,000,000 down; description chunks: -1 down
 DESCRIPTION_CHUNK = 60000  # characters of ASCII JSON per row, under Milvus' 65,535-byte VARCHAR limit
 INSERT_BYTES = 32 * 1024 * 1024  # well under Milvus' 64 MiB message limit
 MAX_NQ = 16384  # Milvus' limit on queries per search call
@@ -75,7 +79,10 @@ def create_collection(connection: Connection, name: str, category: str, dim: int
     schema.add_field("patch_x", DataType.INT32)
     schema.add_field(DESCRIPTION_FIELD, DataType.VARCHAR, max_length=65535)
     connection.call("create_collection", lambda c, t: c.create_collection(name, schema=schema, timeout=t))
-    connection.call("create_partition", lambda c, t: c.create_partition(name, DESCRIPTION_PARTITION, timeout=t))
+    for partition in (DESCRIPTION_PARTITION, EXTRACTOR_PARTITION):
+        connection.call(
+            "create_partition", lambda c, t, partition=partition: c.create_partition(name, partition, timeout=t)
+        )
 
 
 def insert(connection: Connection, collection: str, rows: BankRows) -> None:
@@ -196,18 +203,69 @@ def dim(connection: Connection, collection: str) -> int:
     return int(next(f["params"]["dim"] for f in fields if f["name"] == VECTOR_FIELD))
 
 
-def write_description(connection: Connection, collection: str, description: BankDescription) -> None:
-    """As ASCII JSON in rows with negative ids (never pickle); each row knows the number of
+def _write_text(connection: Connection, collection: str, text: str, partition: str, first_id: int) -> None:
+    """ASCII `text` in rows with ids first_id, first_id - 1, ...; each row knows the number of
     chunks (in `patch_y`), so that a lost one is noticed."""
-    text = description.to_json()
     chunks = [text[i : i + DESCRIPTION_CHUNK] for i in range(0, len(text), DESCRIPTION_CHUNK)]
     zeros = [0.0] * dim(connection, collection)
     rows = [
-        {"id": -1 - k, VECTOR_FIELD: zeros, "image": "", "patch_y": len(chunks), "patch_x": k, DESCRIPTION_FIELD: chunk}
+        {
+            "id": first_id - k,
+            VECTOR_FIELD: zeros,
+            "image": "",
+            "patch_y": len(chunks),
+            "patch_x": k,
+            DESCRIPTION_FIELD: chunk,
+        }
         for k, chunk in enumerate(chunks)
     ]
-    connection.call("insert", lambda c, t: c.insert(collection, rows, partition_name=DESCRIPTION_PARTITION, timeout=t))
+    per_batch = max(1, INSERT_BYTES // (DESCRIPTION_CHUNK + len(zeros) * 4 + 64))
+    for start in range(0, len(rows), per_batch):
+        batch = rows[start : start + per_batch]
+        connection.call(
+            "insert", lambda c, t, batch=batch: c.insert(collection, batch, partition_name=partition, timeout=t)
+        )
     connection.call("flush", lambda c, t: c.flush(collection, timeout=t), long=True)
+
+
+def _read_text(connection: Connection, collection: str, partition: str, ids: str) -> str | None:
+    """The text `_write_text` stored, None if there is none; ValueError if a chunk is missing."""
+    rows = connection.call(
+        "query",
+        lambda c, t: c.query(
+            collection,
+            filter=ids,
+            output_fields=[DESCRIPTION_FIELD, "patch_y"],
+            partition_names=[partition],
+            consistency_level="Strong",
+            timeout=t,
+        ),
+    )
+    if not rows:
+        return None
+    if any(row["patch_y"] != len(rows) for row in rows):
+        raise ValueError(f"{len(rows)} of {rows[0]['patch_y']} parts found")
+    return "".join(row[DESCRIPTION_FIELD] for row in sorted(rows, key=lambda row: -row["id"]))
+
+
+def write_description(connection: Connection, collection: str, description: BankDescription) -> None:
+    """As ASCII JSON in rows with ids -1, -2, ... (never pickle)."""
+    _write_text(connection, collection, description.to_json(), DESCRIPTION_PARTITION, -1)
+
+
+def write_model(connection: Connection, collection: str, model: bytes) -> None:
+    """The extractor's ONNX model, base64, in rows with ids -1,000,000, -1,000,001, ..."""
+    _write_text(connection, collection, base64.b64encode(model).decode("ascii"), EXTRACTOR_PARTITION, _MODEL_FIRST_ID)
+
+
+def read_model(connection: Connection, collection: str) -> bytes:
+    try:
+        text = _read_text(connection, collection, EXTRACTOR_PARTITION, f"id <= {_MODEL_FIRST_ID}")
+        if text is None:
+            raise ValueError("no extractor rows")
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error is one
+        raise StoreError(f"the extractor model of {collection} is damaged ({exc}); re-ingest the category") from exc
 
 
 def read_description(connection: Connection, collection: str) -> BankDescription | None:
@@ -226,23 +284,8 @@ def read_description(connection: Connection, collection: str) -> BankDescription
     has = connection.call("has_partition", lambda c, t: c.has_partition(collection, DESCRIPTION_PARTITION, timeout=t))
     if not has:
         return None  # not made by this patchcore-milvus (another tool, or a version before 0.2)
-    rows = connection.call(
-        "query",
-        lambda c, t: c.query(
-            collection,
-            filter="id < 0",
-            output_fields=[DESCRIPTION_FIELD, "patch_y"],
-            partition_names=[DESCRIPTION_PARTITION],
-            consistency_level="Strong",
-            timeout=t,
-        ),
-    )
-    if not rows:
-        return None
-    text = "".join(row[DESCRIPTION_FIELD] for row in sorted(rows, key=lambda row: -row["id"]))
     try:
-        if any(row["patch_y"] != len(rows) for row in rows):
-            raise ValueError(f"{len(rows)} of {rows[0]['patch_y']} parts found")
-        return BankDescription.from_json(text)
+        text = _read_text(connection, collection, DESCRIPTION_PARTITION, "id < 0")
+        return None if text is None else BankDescription.from_json(text)
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise StoreError(f"the description of {collection} is damaged ({exc!r}); re-ingest the category") from exc

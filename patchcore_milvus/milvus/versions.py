@@ -136,6 +136,13 @@ class BankStore:
     def write_description(self, collection: str, description: BankDescription) -> None:
         collection_rows.write_description(self.connection, collection, description)
 
+    def write_model(self, collection: str, model: bytes) -> None:
+        collection_rows.write_model(self.connection, collection, model)
+
+    def read_model(self, collection: str) -> bytes:
+        """The extractor model the version carries (see features.FeaturePipeline.from_model)."""
+        return collection_rows.read_model(self.connection, collection)
+
     def read_description(self, collection: str) -> BankDescription:
         description = self.read_description_or_none(collection)
         if description is None:
