@@ -11,23 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from patchcore_milvus.ann_check import recheck_params
 from patchcore_milvus.config import BACKBONE_NORMALIZATION, DEFAULT_SEARCH_PARAMS, Config, check_params
 from patchcore_milvus.description import BankDescription, ExtractorDescription
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
-from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import NORMALIZATION_STATS, load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore
 from patchcore_milvus.scoring import (
-    anomaly_maps,
+    anomaly_map,
     image_scores,
     reweighting_factor,
     settle_largest,
-    to_original_size,
 )
 
 
@@ -144,6 +141,8 @@ class Bank:
 
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
+        from patchcore_milvus.exact import ExactSearch  # torch: not on a station's query path
+
         exact = ExactSearch(self.store.read_vectors(self.version))
         return Bank.pinned(
             self.store, self.version, self.description, self.features, self.config, lambda _, v, k, __: exact(v, k)
@@ -249,9 +248,6 @@ class Bank:
         scores = image_scores(distances, worst, weights)
         norms = np.linalg.norm(patches, axis=-1)
         t2 = time.perf_counter()
-        maps = anomaly_maps(
-            torch.from_numpy(distances.reshape(n, h, w)), self.features.preprocess.input_size, self.config.blur_sigma
-        )
         results = []
         for i, image in enumerate(images):
             results.append(
@@ -260,7 +256,9 @@ class Bank:
                     image_score=float(scores[i]),
                     image_threshold=self.image_threshold,
                     pixel_threshold=self.pixel_threshold,
-                    anomaly_map=to_original_size(maps[i], self.features.preprocess, *image.size),
+                    anomaly_map=anomaly_map(
+                        distances[i].reshape(h, w), self.features.preprocess, self.config.blur_sigma, *image.size
+                    ),
                     nearest_patch=nearest_rows.source(i),
                     timings_ms={},
                     image=image,

@@ -2,50 +2,69 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from patchcore_milvus.images import Preprocess
 
 REFERENCE_SIZE = 256  # the input size at which the paper's blur sigma of 4 applies
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, reflecting at the border."""
+def _bilinear(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) matrix of bilinear interpolation with half-pixel centres, clamped at
+    the border (torch's `interpolate(..., mode="bilinear", align_corners=False)`)."""
+    source = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, size_in - 1)
+    weight = source - low
+    matrix = np.zeros((size_out, size_in))
+    matrix[np.arange(size_out), low] += 1 - weight
+    matrix[np.arange(size_out), high] += weight
+    return matrix
+
+
+def _gaussian(size: int, sigma: float) -> np.ndarray:
+    """(size, size) matrix of a 1-D Gaussian blur that reflects at the border (edge not repeated)."""
     if sigma <= 0:
-        return maps
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+        return np.eye(size)
+    radius = min(int(4 * sigma + 0.5), size - 1)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(offsets**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    matrix = np.zeros((size, size))
+    for i in range(size):
+        j = np.abs(i + offsets)  # reflect below 0
+        j = np.where(j > size - 1, 2 * (size - 1) - j, j)  # and above size - 1
+        np.add.at(matrix[i], j, kernel)
+    return matrix
 
 
-def anomaly_maps(patch_scores: torch.Tensor, input_size: int, blur_sigma: float) -> torch.Tensor:
-    """Patch grid (B, h, w) -> smooth maps (B, S, S) at the network input size.
+@functools.lru_cache(maxsize=64)
+def _axis(grid: int, image_size: int, crop: int | None, sigma: float, out: int) -> np.ndarray:
+    """(out, grid) float32: one axis of the whole chain from patch grid to original image.
+    Patch grid -> network input (bilinear), Gaussian blur, cropped border filled with 0, original
+    size (bilinear): each step is linear along each axis, so the chain is one matrix a side."""
+    size = crop or image_size
+    chain = _gaussian(size, sigma * size / REFERENCE_SIZE) @ _bilinear(grid, size)
+    if crop is not None:
+        embed = np.zeros((image_size, crop))
+        offset = (image_size - crop) // 2
+        embed[offset : offset + crop] = np.eye(crop)
+        chain = embed @ chain
+    return (_bilinear(image_size, out) @ chain).astype(np.float32)
 
-    The sigma is given for a 256-pixel input and scaled with the actual input size, so a
-    map looks the same whatever resolution the bank was built at.
-    """
-    maps = F.interpolate(patch_scores.unsqueeze(1), size=(input_size, input_size), mode="bilinear", align_corners=False)
-    return gaussian_blur(maps.squeeze(1), blur_sigma * input_size / REFERENCE_SIZE)
 
-
-def to_original_size(amap: torch.Tensor, preprocess: Preprocess, width: int, height: int) -> np.ndarray:
-    """A map at the input size back onto the original image; a cropped-away border scores 0."""
-    if preprocess.center_crop is not None:
-        full = torch.zeros(preprocess.image_size, preprocess.image_size)
-        offset = (preprocess.image_size - preprocess.center_crop) // 2
-        full[offset : offset + preprocess.center_crop, offset : offset + preprocess.center_crop] = amap
-        amap = full
-    resized = F.interpolate(amap[None, None], size=(height, width), mode="bilinear", align_corners=False)
-    return resized[0, 0].numpy()
+def anomaly_map(patch_scores: np.ndarray, preprocess: Preprocess, blur_sigma: float, width: int, height: int):
+    """Patch grid (h, w) -> the anomaly map (height, width) on the original image (PatchCore 3.3):
+    upsampled bilinearly to the network input, Gaussian-blurred (`blur_sigma` at a 256-pixel
+    input, scaled with the input size, so a map looks the same whatever resolution the bank was
+    built at), a cropped-away border scoring 0, resized bilinearly to the original size."""
+    h, w = patch_scores.shape
+    settings = (preprocess.image_size, preprocess.center_crop, float(blur_sigma))
+    rows, columns = _axis(h, *settings, height), _axis(w, *settings, width)
+    return rows @ patch_scores.astype(np.float32) @ columns.T
 
 
 # Patches per image settled in one round of `settle_largest`.
@@ -115,5 +134,6 @@ def reweighting_factor(test_patch: np.ndarray, candidates: np.ndarray) -> float:
     """
     if len(candidates) < 2:
         raise ValueError("the re-weighting needs m* and at least one of its neighbours")
-    distances = torch.from_numpy(np.linalg.norm(candidates - test_patch[None], axis=1).astype(np.float32))
-    return float(1.0 - torch.softmax(distances, dim=0)[0])
+    distances = np.linalg.norm(candidates.astype(np.float64) - test_patch[None], axis=1)
+    weights = np.exp(distances - distances.max())  # softmax, shifted so that no exp overflows
+    return float(1.0 - weights[0] / weights.sum())

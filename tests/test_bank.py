@@ -7,7 +7,7 @@ import pytest
 from conftest import textured_image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
-from patchcore_milvus.errors import BankMismatchError, BankNotFoundError
+from patchcore_milvus.errors import BankMismatchError, BankNotFoundError, StoreError
 from patchcore_milvus.images import list_images, load_rgb
 
 
@@ -200,3 +200,46 @@ def test_append_refuses_another_extractor(fitted: Config, good_folder: Path):
 
     with pytest.raises(BankMismatchError, match="image_size"):
         append_to_bank("texture", list_images(good_folder), fitted.replace(image_size=96))
+
+
+def test_a_station_scores_with_the_bank_s_own_extractor_without_torch(
+    good_folder: Path, small_config: Config, tmp_path: Path
+):
+    import subprocess
+    import sys
+
+    textured_image(101, defect=True).save(tmp_path / "bad.png")
+    # A Lite file stays locked by the process that opened it: ingest and station run in processes
+    # of their own, and this one opens the file after them.
+    ingest = (
+        "from pathlib import Path; from patchcore_milvus import Config, fit_bank; "
+        "from patchcore_milvus.images import list_images; "
+        f"fit_bank('texture', list_images(Path({str(good_folder)!r})), Config(**{small_config.to_dict()!r}))"
+    )
+    subprocess.run([sys.executable, "-c", ingest], check=True, capture_output=True, timeout=300)
+    # Only the URI and the category: the extractor's options and weights come from the bank.
+    station = (
+        "import sys; from patchcore_milvus import Bank, Config; "
+        f"bank = Bank.open('texture', Config(uri={small_config.uri!r}, progress=False)); "
+        f"[(_, r)] = bank.score_paths([{str(tmp_path / 'bad.png')!r}]); "
+        "print(r.image_score, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", station], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    score, torch_loaded = result.stdout.split()
+    assert torch_loaded == "False"
+    store = BankStore(small_config.uri)
+    description = store.read_description(store.resolve("texture"))
+    assert description.extractor_model.format == "onnx" and description.extractor_model.bytes > 100_000
+    reference = Bank.open("texture", small_config.replace(runtime="torch"), store=store)  # built from the options
+    [(_, here)] = reference.score_paths([tmp_path / "bad.png"])
+    assert float(score) == pytest.approx(here.image_score, rel=1e-4)
+
+
+def test_a_damaged_extractor_model_is_refused(fitted: Config):
+    store = BankStore(fitted.uri)
+    version = store.resolve("texture")
+    store.client.delete(version, ids=[-1_000_000 - 3], partition_name="extractor")
+    store.client.flush(version)
+    with pytest.raises(StoreError, match=r"extractor model of .* is damaged"):
+        Bank.open("texture", fitted, store=store)

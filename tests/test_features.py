@@ -93,3 +93,18 @@ def test_a_weights_file_that_is_a_pickle_of_code_is_refused(tmp_path, capsys):
     with pytest.raises(WeightsUnavailableError, match="cannot load weights from"):
         build_backbone("wide_resnet50_2", weights=str(path))
     assert "pickle executed" not in capsys.readouterr().out
+
+
+def test_onnx_runtime_gives_torch_s_features_on_real_images(bottle_root):
+    import numpy as np
+
+    from patchcore_milvus.images import list_images, load_rgb
+
+    onnx = FeaturePipeline.from_config(Config())
+    reference = FeaturePipeline.from_config(Config(runtime="torch"))
+    assert onnx.model is not None and reference.model is None and onnx.description == reference.description
+    paths = list_images(bottle_root / "test" / "broken_large")[:4] + list_images(bottle_root / "test" / "good")[:4]
+    batch = np.stack([onnx.preprocess(load_rgb(path)) for path in paths])
+    ours, theirs = onnx(batch), reference(batch)
+    assert ours.shape == (8, 32, 32, 152)
+    assert float(np.abs(ours - theirs).max()) <= 1e-4

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from patchcore_milvus.images import Preprocess
-from patchcore_milvus.scoring import anomaly_maps, gaussian_blur, reweighting_factor, to_original_size
+from patchcore_milvus.scoring import anomaly_map, reweighting_factor
 
 
 def test_reweighting_matches_equation_7_by_hand():
@@ -24,31 +24,49 @@ def test_reweighting_is_smallest_in_a_dense_bank_region():
     assert reweighting_factor(test_patch, isolated) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_blur_keeps_a_constant_map_and_the_mass_of_a_peak():
-    constant = torch.full((1, 40, 40), 7.0)
-    assert torch.allclose(gaussian_blur(constant, 4.0), constant, atol=1e-5)
-    peak = torch.zeros(1, 64, 64)
-    peak[0, 32, 32] = 1.0
-    blurred = gaussian_blur(peak, 2.0)
-    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-4)
-    assert blurred[0, 32, 32] < 0.1 and blurred.argmax().item() == 32 * 64 + 32
+HALF = (0.5, 0.5, 0.5)
 
 
-def test_maps_come_at_the_input_size_with_sigma_scaled():
-    grid = torch.zeros(2, 32, 32)
-    grid[1, 10, 10] = 5.0
-    maps = anomaly_maps(grid, 256, 4.0)
-    assert maps.shape == (2, 256, 256)
-    assert maps[0].abs().max() == 0.0 and maps[1].max() > 0.0
+def test_a_constant_grid_gives_a_constant_map_and_a_peak_stays_in_place():
+    preprocess = Preprocess(256, None, HALF, HALF)
+    constant = anomaly_map(np.full((32, 32), 7.0, dtype=np.float32), preprocess, 4.0, 300, 200)
+    assert constant.shape == (200, 300) and np.allclose(constant, 7.0, atol=1e-4)
+    grid = np.zeros((32, 32), dtype=np.float32)
+    grid[10, 20] = 5.0
+    peaked = anomaly_map(grid, preprocess, 4.0, 256, 256)
+    y, x = np.unravel_index(peaked.argmax(), peaked.shape)
+    assert abs(y - 10.5 * 8) <= 1 and abs(x - 20.5 * 8) <= 1  # the patch's centre at 8 px a patch
+    assert 0 < peaked.max() < 5.0  # blurred
+
+
+def test_the_blur_scales_with_the_input_size():
+    grid = np.zeros((32, 32), dtype=np.float32)
+    grid[10, 10] = 5.0
+    small = anomaly_map(grid, Preprocess(256, None, HALF, HALF), 4.0, 256, 256)
     # Doubling the input size doubles the blur, so the peak keeps its shape relative to the image.
-    larger = anomaly_maps(grid, 512, 4.0)
-    assert larger[1].max().item() == pytest.approx(maps[1].max().item(), rel=0.05)
+    large = anomaly_map(grid, Preprocess(512, None, HALF, HALF), 4.0, 512, 512)
+    assert large.max() == pytest.approx(small.max(), rel=0.05)
 
 
-def test_original_size_and_cropped_border():
-    half = (0.5, 0.5, 0.5)
-    amap = torch.ones(48, 48)
-    plain = to_original_size(amap, Preprocess(48, None, half, half), width=90, height=30)
-    assert plain.shape == (30, 90) and np.allclose(plain, 1.0)
-    cropped = to_original_size(amap, Preprocess(64, 48, half, half), width=64, height=64)
-    assert cropped[0, 0] == 0.0 and cropped[32, 32] == pytest.approx(1.0)
+def test_a_cropped_away_border_scores_zero():
+    amap = anomaly_map(np.ones((6, 6), dtype=np.float32), Preprocess(64, 48, HALF, HALF), 4.0, 64, 64)
+    assert amap[0, 0] == 0.0 and amap[32, 32] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_maps_equal_the_torch_reference():
+    """Numpy's one matrix a side gives what the earlier torch chain gave: interpolate to the
+    input, a reflect-padded separable Gaussian convolution, interpolate to the original size."""
+    import torch.nn.functional as F
+
+    grid = np.random.default_rng(0).random((32, 24)).astype(np.float32) * 30
+    sigma = 4.0
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.interpolate(torch.from_numpy(grid)[None, None], size=(256, 256), mode="bilinear", align_corners=False)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    reference = F.interpolate(x, size=(900, 700), mode="bilinear", align_corners=False)[0, 0].numpy()
+    ours = anomaly_map(grid, Preprocess(256, None, HALF, HALF), sigma, 700, 900)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-3)
