@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import sys
 import typing
 from collections.abc import Callable
@@ -26,13 +25,15 @@ from patchcore_milvus.config import (
 )
 from patchcore_milvus.errors import ImageError, PatchcoreMilvusError
 
+_HINTS = typing.get_type_hints(Config)
+
 
 def _flag(option: dataclasses.Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The command-line flag of a Config option, from its field: named after it (dashes for
     underscores) unless it says otherwise, typed after its annotation, with its help text."""
     meta = option.metadata
     name = meta["flag"] or "--" + option.name.replace("_", "-")
-    kind = typing.get_type_hints(Config)[option.name]
+    kind = _HINTS[option.name]
     if meta["pairs"]:
         return click.option(
             name, option.name, multiple=True, callback=lambda c, p, v: _pairs(v), metavar="KEY=VALUE", help=meta["help"]
@@ -101,9 +102,6 @@ def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             overrides = {name: kwargs.pop(name) for name in names}
             kwargs["config"] = load_config(kwargs.pop("config_file"), **overrides)
-            import torch  # here, not at the top: `--help` and `config show` need no torch
-
-            torch.set_num_threads(kwargs["config"].num_threads or os.cpu_count() or 1)
             return command(*args, **kwargs)
 
         for name in reversed(names):

@@ -42,11 +42,13 @@ class FeaturePipeline:
     @classmethod
     def from_config(cls, config: Config) -> FeaturePipeline:
         """The configured backbone and weights (torch), run on the configured runtime."""
+        import torch
+
         from patchcore_milvus import torch_extractor
 
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         extractor, description = torch_extractor.build(config)
         if config.runtime == "torch":
-            import torch
 
             def run(batch: np.ndarray) -> np.ndarray:
                 return extractor(torch.from_numpy(batch)).numpy()
