@@ -23,6 +23,7 @@ import numpy as np
 
 from patchcore_milvus.config import DEFAULT_INDEX_PARAMS, SEARCH_PARAM_RULES
 from patchcore_milvus.errors import ConfigError, StoreError
+from patchcore_milvus.exact import ExactSearch
 
 MIN_RECALL = 0.999
 PROBE_PATCHES = 4096
@@ -107,8 +108,6 @@ def choose_search_widths(
     `MIN_RECALL`, unless `fixed` (the user chose it): then a shortfall is refused. The recheck
     width must find every probe's exact neighbour. Refused where the widest search cannot.
     """
-    from patchcore_milvus.exact import ExactSearch  # torch, which ingest has loaded anyway
-
     exact, exact_ids = ExactSearch(bank)(probes, 1)
     norms = np.linalg.norm(probes.astype(np.float64), axis=1)
 

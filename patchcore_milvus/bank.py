@@ -17,6 +17,7 @@ from patchcore_milvus.ann_check import recheck_params
 from patchcore_milvus.config import BACKBONE_NORMALIZATION, DEFAULT_SEARCH_PARAMS, Config, check_params
 from patchcore_milvus.description import BankDescription, ExtractorDescription
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
+from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import NORMALIZATION_STATS, load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore
@@ -106,12 +107,14 @@ class Bank:
         features: FeaturePipeline,
         config: Config,
         search: SearchFunction | None = None,
+        precise: SearchFunction | None = None,
     ):
         self.store = store
         self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
-        self.search: SearchFunction = search or store.search
+        self.search: SearchFunction = search or store.search  # every patch, at the bank's width
+        self.precise: SearchFunction = precise or self.search  # the recheck and the eq. 7 neighbours
         self._use(version, description)
 
     @classmethod
@@ -137,16 +140,38 @@ class Bank:
         description = store.read_description(version)
         features = features or bank_extractor(store, version, description, config)
         check_extractor(category, description, features)
+        if config.search == "local":
+            return cls.with_replicas(store, category, version, description, features, config)
         return cls(store, category, version, description, features, config)
+
+    @classmethod
+    def with_replicas(
+        cls,
+        store: BankStore,
+        category: str | None,
+        version: str,
+        description: BankDescription,
+        features: FeaturePipeline,
+        config: Config,
+    ) -> Bank:
+        """Searched on a station-side replica of each version (`search: local`, see replica.py);
+        the first version's replica is ready before this returns."""
+        from patchcore_milvus.replica import LocalReplicas
+
+        replicas = LocalReplicas(store)
+        replicas.prepare(version)
+        return cls(store, category, version, description, features, config, replicas.search, replicas.precise)
 
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
-        from patchcore_milvus.exact import ExactSearch  # torch: not on a station's query path
-
         exact = ExactSearch(self.store.read_vectors(self.version))
         return Bank.pinned(
             self.store, self.version, self.description, self.features, self.config, lambda _, v, k, __: exact(v, k)
         )
+
+    def with_local_search(self) -> Bank:
+        """This version, searched on a station-side replica (`search: local`)."""
+        return Bank.with_replicas(self.store, None, self.version, self.description, self.features, self.config)
 
     def refresh(self) -> None:
         """Follow the category's alias to its current version (a no-op when pinned or unchanged)."""
@@ -290,7 +315,7 @@ class Bank:
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
         rechecked = settle_largest(
-            distances, ids, patches, lambda vectors: self.search(version, vectors, 1, self.recheck_params)
+            distances, ids, patches, lambda vectors: self.precise(version, vectors, 1, self.recheck_params)
         )
         missing = int((ids < 0).sum())
         if missing:
@@ -308,7 +333,7 @@ class Bank:
         b = min(self.config.reweight_neighbors, self.description.coreset.size - 1)
         if b < 1:
             return np.ones(len(worst_patches))  # a bank of one vector: m* has no neighbours to weigh against
-        _, neighbour_ids = self.search(version, nearest.vectors, b + 1, self.recheck_params)
+        _, neighbour_ids = self.precise(version, nearest.vectors, b + 1, self.recheck_params)
         candidate_ids = []
         for centre, ids in zip(nearest.ids, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != centre][:b]

@@ -226,7 +226,7 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
     help="Write per image: raw map (.npy), overlay (PNG), mask (PNG).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image instead of text lines.")
-@config_options(*SCORING)
+@config_options(*SCORING, "search")
 def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json: bool, config: Config) -> None:
     """Score images (files, or folders searched recursively) against CATEGORY's bank: score, verdict, map, mask."""
     from patchcore_milvus.bank import Bank
@@ -263,10 +263,11 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
 @click.option("--all", "all_categories", is_flag=True, help="Every category folder in DATA_ROOT that has a bank.")
 @click.option(
     "--search",
-    type=click.Choice(["milvus", "exact", "both"]),
+    type=click.Choice(["milvus", "local", "exact", "both", "all"]),
     default="milvus",
     show_default=True,
-    help="Milvus' index, exact in-process search over the same vectors, or both side by side.",
+    help="Milvus' index, a local replica (search: local), exact in-process search over the same vectors, "
+    "Milvus and exact side by side (both), or all three.",
 )
 @click.option(
     "--report",
@@ -301,8 +302,8 @@ def evaluate(
             raise ImageError(f"no folder in {data_root} has a bank at {config.uri}")
     if not categories:
         raise click.UsageError("give --category NAME (repeatable) or --all")
-    if report_dir is not None:
-        search = "both"
+    if report_dir is not None and search not in ("both", "all"):  # a report compares with exact search
+        search = "all" if search == "local" else "both"
     banks, evaluations = {}, []
     for category in categories:
         banks[category] = Bank.open(category, config, store=store)

@@ -19,6 +19,7 @@ BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
 # The input statistics each backbone's weights were trained with (`normalization: backbone`).
 BACKBONE_NORMALIZATION = {"efficientnet_lite0": "half", "wide_resnet50_2": "imagenet"}
 RUNTIMES = ("onnx", "torch")
+SEARCHES = ("milvus", "local")
 NORMALIZATIONS = ("imagenet", "backbone")
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
@@ -132,6 +133,11 @@ class Config:
     # Runtime. `onnx`: ingest exports the extractor to ONNX and the bank carries it; queries run
     # the bank's model on ONNX Runtime. `torch`: the torch reference, built from the options.
     runtime: str = _option("onnx", "Where the extractor runs.", choices=RUNTIMES)
+    # `milvus`: stations ask the shared index. `local`: each station searches its own replica of
+    # the bank version (see replica.py); Milvus still holds, versions and publishes the banks.
+    search: str = _option(
+        "milvus", "Where patches are searched: the shared Milvus index, or a local replica.", choices=SEARCHES
+    )
     batch_size: int = _option(8, "Images per batch.")
     num_threads: int | None = _option(None, "CPU threads for torch (default: all cores).")
     progress: bool = _option(True, "Progress bars.")
@@ -260,6 +266,7 @@ def _check_values(c: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    require(c.search in SEARCHES, f"search must be one of {', '.join(SEARCHES)}, got {c.search!r}")
     require(c.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}, got {c.runtime!r}")
     require(c.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {c.backbone!r}")
     require(

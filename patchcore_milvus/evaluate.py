@@ -140,13 +140,15 @@ class CategoryEvaluation:
 def evaluate_category(
     bank: Bank, category: str, category_root: Path, search: str, pixel_size: int, progress: bool
 ) -> CategoryEvaluation:
-    """`search`: "milvus", "exact" or "both"."""
+    """`search`: "milvus", "local", "exact", "both" (Milvus and exact) or "all"."""
     images = labelled_test_images(category_root)
     truth = [ground_truth(i, pixel_size) for i in images]
     methods: dict[str, Bank] = {}
-    if search in ("milvus", "both"):
+    if search in ("milvus", "both", "all"):
         methods["milvus"] = bank
-    if search in ("exact", "both"):
+    if search in ("local", "all"):
+        methods["local"] = bank.with_local_search()
+    if search in ("exact", "both", "all"):
         methods["exact"] = bank.with_exact_search()
     scored = {name: score_set(b, images, pixel_size, name, progress) for name, b in methods.items()}
     description = bank.description
@@ -170,10 +172,11 @@ def evaluate_category(
         report["search"][name], curves[name] = set_metrics(
             images, truth, run, bank.image_threshold, bank.pixel_threshold
         )
-    if len(scored) == 2:
-        milvus, exact = report["search"]["milvus"], report["search"]["exact"]
-        report["ann_vs_exact"] = {
-            "patch_recall_at_1": patch_recall_at_1(scored["milvus"], scored["exact"]),
-            **{f"{k}_difference": milvus[k] - exact[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3")},
-        }
+    for method, key in (("milvus", "ann_vs_exact"), ("local", "local_vs_exact")):
+        if method in scored and "exact" in scored:
+            ours, exact = report["search"][method], report["search"]["exact"]
+            report[key] = {
+                "patch_recall_at_1": patch_recall_at_1(scored[method], scored["exact"]),
+                **{f"{k}_difference": ours[k] - exact[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3")},
+            }
     return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})

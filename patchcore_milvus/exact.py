@@ -1,26 +1,35 @@
-"""Exact nearest neighbours in-process: the reference that Milvus' approximate index is measured against."""
+"""Exact nearest neighbours in-process: the reference that Milvus' approximate index is measured
+against, and the precise search of a station's local replica. numpy only (no torch)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 class ExactSearch:
-    """Brute-force L2 search (torch) over a bank's vectors, as read back from Milvus."""
+    """Brute-force L2 search over a bank's vectors, in chunks of queries."""
 
     def __init__(self, vectors: np.ndarray, chunk: int = 1024):
-        self.bank = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-        self.bank_norms = (self.bank * self.bank).sum(dim=1)
+        self.bank = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.bank_norms = np.einsum("ij,ij->i", self.bank, self.bank)
         self.chunk = chunk
 
     def __call__(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Euclidean distances, ids), each (n, top_k), nearest first: the same contract as Milvus search."""
-        distances, ids = [], []
+        k = min(top_k, len(self.bank))
+        distances = np.empty((len(queries), k), dtype=np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
         for start in range(0, len(queries), self.chunk):
-            block = torch.from_numpy(np.ascontiguousarray(queries[start : start + self.chunk], dtype=np.float32))
-            squared = (block * block).sum(dim=1, keepdim=True) - 2.0 * block @ self.bank.T + self.bank_norms
-            nearest = torch.topk(squared, k=min(top_k, len(self.bank)), dim=1, largest=False)
-            distances.append(nearest.values.clamp_min(0).sqrt())
-            ids.append(nearest.indices)
-        return torch.cat(distances).numpy(), torch.cat(ids).numpy().astype(np.int64)
+            block = np.ascontiguousarray(queries[start : start + self.chunk], dtype=np.float32)
+            # |q|^2 - 2 q.v + |v|^2; |q|^2 is the same along a row, so it is added to the k kept only.
+            partial = self.bank_norms - 2.0 * (block @ self.bank.T)
+            if k == 1:
+                nearest = partial.argmin(axis=1)[:, None]
+            else:
+                nearest = np.argpartition(partial, k - 1, axis=1)[:, :k]
+                order = np.argsort(np.take_along_axis(partial, nearest, axis=1), axis=1, kind="stable")
+                nearest = np.take_along_axis(nearest, order, axis=1)
+            squared = np.take_along_axis(partial, nearest, axis=1) + np.einsum("ij,ij->i", block, block)[:, None]
+            distances[start : start + len(block)] = np.sqrt(np.maximum(squared, 0.0))
+            ids[start : start + len(block)] = nearest
+        return distances, ids

@@ -59,7 +59,8 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         for method, m in entry["search"].items():
             at = m.get("at_threshold", {})
             ms = sum(m["time_ms"][s]["median"] for s in m["time_ms"])
-            recall = entry.get("ann_vs_exact", {}).get("patch_recall_at_1") if method == "milvus" else None
+            against = {"milvus": "ann_vs_exact", "local": "local_vs_exact"}.get(method, "")
+            recall = entry.get(against, {}).get("patch_recall_at_1")
             counts = (str(at.get("false_positives", "-")), str(at.get("false_negatives", "-")))
             rows.append(_row(category, method, m, at, counts, f"{ms:.0f}", _fmt(recall)))
     if len(report["categories"]) > 1:
@@ -137,13 +138,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"- {method}: image AUROC per defect type: {per_defect}",
                 f"- {method}: ms per image, median (p95): {stages}; {m['images_per_second']:.2f} images/s",
             ]
-        if "ann_vs_exact" in entry:
-            a = entry["ann_vs_exact"]
-            lines.append(
-                f"- Milvus vs exact: patch recall@1 {a['patch_recall_at_1']:.4f}; differences "
-                f"image AUROC {a['image_auroc_difference']:+.4f}, pixel AUROC "
-                f"{a['pixel_auroc_difference']:+.4f}, AUPRO {a['aupro_0.3_difference']:+.4f}"
-            )
+        for key, name in (("ann_vs_exact", "Milvus"), ("local_vs_exact", "Local replica")):
+            if key in entry:
+                a = entry[key]
+                lines.append(
+                    f"- {name} vs exact: patch recall@1 {a['patch_recall_at_1']:.4f}; differences "
+                    f"image AUROC {a['image_auroc_difference']:+.4f}, pixel AUROC "
+                    f"{a['pixel_auroc_difference']:+.4f}, AUPRO {a['aupro_0.3_difference']:+.4f}"
+                )
         lines += ["", f"![curves]({category}_curves.png)", "", f"![worst cases]({category}_worst.png)", ""]
     return "\n".join(lines)
 
