@@ -1,7 +1,10 @@
-"""The query path: nearest-neighbour search in Milvus against in-process search, and where the
-time of one image goes.
+"""The query path: a station's `patchcore-milvus query` per back end, nearest-neighbour search in
+Milvus against in-process search, and where the time of one image goes.
 
-Ingests bottle (default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW) into a
+First, as a station runs it, each command in a fresh process: `ingest` bottle into a Milvus Lite
+file (and the server with `--server`), then a one-image `query` and a `query` of all 83 test
+images, on Milvus Lite, the server and `--search local`; the steady state per image is (wall of
+all - wall of one) / 82, as the speed issue measures it. Then, in this process, ingests bottle (default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW) into a
 fresh Milvus Lite file, then searches the patches of bottle's test images (1,024 per image) in
 batches of `batch_size` images, one call per batch, with:
 Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index parameters), faiss-cpu
@@ -18,6 +21,8 @@ and the median time per image of each stage is printed.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +39,6 @@ from patchcore_milvus.config import Config
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images, load_rgb
-from patchcore_milvus.ingest import fit_bank
 from patchcore_milvus.milvus import BankStore
 from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
@@ -93,6 +97,46 @@ def end_to_end(bank: Bank, paths: list[Path], overlap: bool) -> tuple[float, dic
     return wall, stages
 
 
+ANOMALIB_MS = 155  # quoted: anomalib 2.7.0 PatchCore's forward, lite0 weights, 10 % coreset, this machine
+
+
+def _wall(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - started
+
+
+def station_rows(
+    data: Path, lite_uri: str, server_uri: str | None, cache: Path
+) -> dict[str, tuple[float, float, float | None]]:
+    """The CLI as a station runs it, each in a fresh process: ingest, a one-image query, a query
+    of all test images. Per back end: (steady ms per image, one-image wall s, ingest wall s)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    one = [str(data / "bottle" / "test" / "broken_large" / "000.png")]
+    every = [str(data / "bottle" / "test")]
+    count = len(list_images(data / "bottle" / "test", recursive=True))
+    cli = ["patchcore-milvus"]
+    rows: dict[str, tuple[float, float, float | None]] = {}
+    setups = [
+        ("Milvus Lite (default)", lite_uri, []),
+        ("search: local (replica of the Lite bank)", lite_uri, ["--search", "local"]),
+    ]
+    if server_uri is not None:
+        setups.insert(1, ("Milvus 2.3.5 server, same 2 cores", server_uri, []))
+    ingested: set[str] = set()
+    for name, uri, extra in setups:
+        ingest = None
+        if uri not in ingested:
+            ingested.add(uri)
+            ingest = _wall([*cli, "ingest", str(data), "--category", "bottle", "--uri", uri, "--no-progress"], env)
+        query = [*cli, "query", "--category", "bottle", "--uri", uri, *extra]
+        _wall([*query, *one], env)  # warm: page cache, and a local replica built once
+        single = _wall([*query, *one], env)
+        whole = _wall([*query, *every], env)
+        rows[name] = ((whole - single) * 1000 / (count - 1), single, ingest)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mvtec_ad"))
@@ -107,10 +151,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="query-bench-") as work_dir:
         work = Path(work_dir)
         config = Config(uri=str(work / "lite.db"), progress=False)
-        started = time.perf_counter()
-        summary = fit_bank("bottle", list_images(args.data / "bottle" / "train" / "good"), config)
-        print(f"bank: {summary.coreset_size} x {summary.dim} ({time.perf_counter() - started:.0f} s to ingest)")
-        store = BankStore.from_config(config)
+        server = None
+        if args.server:
+            server = MilvusTestServer(work / "server")
+            server.start()
+        try:
+            stations = station_rows(args.data, config.uri, server.uri if server else None, work / "cache")
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
+        store = BankStore.from_config(config)  # the bank the first station row ingested
         version = store.resolve("bottle")
         vectors = store.read_vectors(version).astype(np.float32)
         params = config.effective_search_params
@@ -136,10 +187,7 @@ def main() -> None:
             "faiss IndexFlatL2": faiss_search(flat),
             "torch, exact": lambda q: exact_search(q, 1),
         }
-        server = None
-        if args.server:
-            server = MilvusTestServer(work / "server")
-            server.start()
+        if server is not None:
             server_store = BankStore(server.uri)
             collection = copy_bank(store, version, server_store, config)
             searchers["Milvus 2.3.5 server, HNSW"] = lambda q: server_store.search(collection, q, 1, params)
@@ -157,6 +205,16 @@ def main() -> None:
         finally:
             if server is not None:
                 server.stop()
+
+    print(f"bank: {len(vectors)} x {vectors.shape[1]}")
+    print("\n`patchcore-milvus query` over bottle's test images (decoding included), steady state = (wall of all")
+    print(f"- wall of one) / (all - 1); anomalib 2.7.0 PatchCore, same weights, 10 %: {ANOMALIB_MS} ms (model forward")
+    print("alone, measured on this machine by the issue that set the targets)")
+    print("| back end | ms per image, steady state | faster than anomalib | one-image query, wall s | ingest, wall s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (steady, one, ingest) in stations.items():
+        ingest_s = "-" if ingest is None else f"{ingest:.1f}"
+        print(f"| {name} | {steady:.0f} | {ANOMALIB_MS / steady:.2f}x | {one:.2f} | {ingest_s} |")
 
     per_batch = config.batch_size
     print(f"\n{len(paths)} bottle test images, {per_batch} images (x 1,024 patches) per search call, k = 1")
