@@ -4,11 +4,11 @@ Milvus against in-process search, and where the time of one image goes.
 First, as a station runs it, each command in a fresh process: `ingest` bottle into a Milvus Lite
 file (and the server with `--server`), then a one-image `query` and a `query` of all 83 test
 images, on Milvus Lite, the server and `--search local`; the steady state per image is (wall of
-all - wall of one) / 82, as the speed issue measures it. Then, in this process, ingests bottle (default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW) into a
-fresh Milvus Lite file, then searches the patches of bottle's test images (1,024 per image) in
-batches of `batch_size` images, one call per batch, with:
-Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index parameters), faiss-cpu
-IndexFlatL2 and IndexHNSWFlat (Milvus' HNSW parameters) and exact torch search. Each prints
+all - wall of one) / 82, as the speed issue measures it. Then, in this process, on that Lite bank
+(default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW), searches the patches of
+bottle's test images (1,024 per image) in batches of `batch_size` images, one call per batch,
+with: Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index parameters),
+faiss-cpu IndexFlatL2 and IndexHNSWFlat (Milvus' HNSW parameters) and exact search. Each prints
 the median ms per image and recall@1 against exact search (a hit at the exact distance counts,
 so ties do not). Then the images are scored end to end with `Bank.score_paths` (decoding and
 feature extraction of the next batch overlap the search of this one) and without the overlap,
@@ -185,7 +185,7 @@ def main() -> None:
             "Milvus Lite, HNSW": lambda q: store.search(version, q, 1, params),
             "faiss IndexHNSWFlat": faiss_search(hnsw),
             "faiss IndexFlatL2": faiss_search(flat),
-            "torch, exact": lambda q: exact_search(q, 1),
+            "exact (numpy)": lambda q: exact_search(q, 1),
         }
         if server is not None:
             server_store = BankStore(server.uri)
