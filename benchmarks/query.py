@@ -134,6 +134,7 @@ def station_rows(
         single = _wall([*query, *one], env)
         whole = _wall([*query, *every], env)
         rows[name] = ((whole - single) * 1000 / (count - 1), single, ingest)
+        print(f"{name}: {rows[name][0]:.0f} ms per image, one image {single:.2f} s", flush=True)
     return rows
 
 

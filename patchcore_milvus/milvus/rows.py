@@ -172,6 +172,7 @@ def get_rows(connection: Connection, collection: str, ids: Iterable[int]) -> Ban
 
 def read_rows(connection: Connection, collection: str, chunk: int = 10000) -> BankRows:
     """Every bank row of a collection, in id order (ingest numbers them 0..n-1)."""
+    load(connection, collection)  # a Lite file opened again starts with its collections released
     rows: list[dict[str, Any]] = []
     for start in range(0, vector_count(connection, collection), chunk):
         part = connection.call(
