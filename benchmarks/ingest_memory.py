@@ -48,8 +48,16 @@ def ingest_in_this_process(spec: dict) -> None:
         progress=False,
     )
     summary = fit_bank("bottle", [Path(p) for p in spec["images"]], config)
-    print(json.dumps({"patches": summary.patches, "dim": summary.dim, "coreset": summary.coreset_size,
-                      "seconds": summary.seconds}))
+    print(
+        json.dumps(
+            {
+                "patches": summary.patches,
+                "dim": summary.dim,
+                "coreset": summary.coreset_size,
+                "seconds": summary.seconds,
+            }
+        )
+    )
 
 
 def augmented(path: Path, seed: int, folder: Path) -> Path:

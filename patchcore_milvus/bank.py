@@ -140,27 +140,8 @@ class Bank:
         description = store.read_description(version)
         features = features or bank_extractor(store, version, description, config)
         check_extractor(category, description, features)
-        if config.search == "local":
-            return cls.with_replicas(store, category, version, description, features, config)
-        return cls(store, category, version, description, features, config)
-
-    @classmethod
-    def with_replicas(
-        cls,
-        store: BankStore,
-        category: str | None,
-        version: str,
-        description: BankDescription,
-        features: FeaturePipeline,
-        config: Config,
-    ) -> Bank:
-        """Searched on a station-side replica of each version (`search: local`, see replica.py);
-        the first version's replica is ready before this returns."""
-        from patchcore_milvus.replica import LocalReplicas
-
-        replicas = LocalReplicas(store)
-        replicas.prepare(version)
-        return cls(store, category, version, description, features, config, replicas.search, replicas.precise)
+        bank = cls(store, category, version, description, features, config)
+        return bank.with_local_search(follow_alias=True) if config.search == "local" else bank
 
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
@@ -169,9 +150,24 @@ class Bank:
             self.store, self.version, self.description, self.features, self.config, lambda _, v, k, __: exact(v, k)
         )
 
-    def with_local_search(self) -> Bank:
-        """This version, searched on a station-side replica (`search: local`)."""
-        return Bank.with_replicas(self.store, None, self.version, self.description, self.features, self.config)
+    def with_local_search(self, follow_alias: bool = False) -> Bank:
+        """Searched on station-side replicas of the bank's versions (`search: local`, see
+        replica.py), this version's ready before this returns; pinned to it unless `follow_alias`."""
+        from patchcore_milvus.replica import LocalReplicas
+
+        replicas = LocalReplicas(self.store)
+        replicas.prepare(self.version)
+        category = self.category if follow_alias else None
+        return Bank(
+            self.store,
+            category,
+            self.version,
+            self.description,
+            self.features,
+            self.config,
+            replicas.search,
+            replicas.precise,
+        )
 
     def refresh(self) -> None:
         """Follow the category's alias to its current version (a no-op when pinned or unchanged)."""
@@ -393,7 +389,8 @@ def bank_extractor(store: BankStore, version: str, description: BankDescription,
     asked = requested_differences(config, description.extractor)
     if asked:
         raise BankMismatchError(
-            f"the feature extractor does not match bank {description.category!r}:\n  " + "\n  ".join(asked)
+            f"the feature extractor does not match bank {description.category!r}:\n  "
+            + "\n  ".join(asked)
             + "\nLeave the extractor options out (the bank carries its own), or re-ingest with them."
         )
     model = store.read_model(version)

@@ -128,9 +128,7 @@ class BankDescription:
             search=SearchWidths.from_dict(values["search"]) if values.get("search") else None,
             thresholds=None
             if thresholds is None
-            else Thresholds(
-                **{**thresholds, "holdout": [HeldOutImage(**entry) for entry in thresholds["holdout"]]}
-            ),
+            else Thresholds(**{**thresholds, "holdout": [HeldOutImage(**entry) for entry in thresholds["holdout"]]}),
             extractor_model=ExtractorModel(**values["extractor_model"]) if values.get("extractor_model") else None,
             schema=values.get("schema", 0),
         )

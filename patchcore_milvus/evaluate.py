@@ -122,9 +122,16 @@ def set_metrics(
 
 def patch_recall_at_1(approximate: ScoredSet, exact: ScoredSet) -> float:
     """Share of test patches whose Milvus neighbour is an exact nearest neighbour (same id, or a tie)."""
-    joined = [np.concatenate([a.ravel() for a in arrays]) for arrays in (
-        approximate.patch_distances, approximate.patch_ids, exact.patch_distances, exact.patch_ids, exact.patch_norms
-    )]
+    joined = [
+        np.concatenate([a.ravel() for a in arrays])
+        for arrays in (
+            approximate.patch_distances,
+            approximate.patch_ids,
+            exact.patch_distances,
+            exact.patch_ids,
+            exact.patch_norms,
+        )
+    ]
     return recall_at_1(*joined)
 
 

@@ -244,8 +244,12 @@ def _ingest(
     root, names = _names(images, root)
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
     # An append projects with the old bank's projection, so that distances compare with its radius.
-    projection = config if grown is None else config.replace(
-        projection_dim=grown.description.coreset.projection_dim, seed=grown.description.coreset.projection_seed
+    projection = (
+        config
+        if grown is None
+        else config.replace(
+            projection_dim=grown.description.coreset.projection_dim, seed=grown.description.coreset.projection_seed
+        )
     )
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:

@@ -3,6 +3,8 @@
     DATA_ROOT/<category>/train/good/*.png                     defect-free training images
     DATA_ROOT/<category>/test/<good | defect type>/*.png      test images, labelled by folder
     DATA_ROOT/<category>/ground_truth/<defect type>/<name>_mask.png
+
+The CLI, `evaluate` and the benchmarks read data sets through these functions only.
 """
 
 from __future__ import annotations

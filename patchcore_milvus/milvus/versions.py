@@ -74,25 +74,10 @@ class BankStore:
     and transient faults are retried with exponential backoff for `retry_seconds`.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        *,
-        credentials: dict[str, str] | None = None,
-        timeout: float = 60.0,
-        index_timeout: float = 3600.0,
-        retry_seconds: float = 30.0,
-        tls: dict[str, Any] | None = None,
-    ):
+    def __init__(self, uri: str, **options: Any):
+        """`options`: Connection's (credentials, timeout, index_timeout, retry_seconds, tls)."""
         self.uri = uri
-        self.connection = Connection(
-            uri,
-            credentials=credentials,
-            timeout=timeout,
-            index_timeout=index_timeout,
-            retry_seconds=retry_seconds,
-            tls=tls,
-        )
+        self.connection = Connection(uri, **options)
         self.client = self.connection.client  # for tests and benchmarks that look underneath
 
     @classmethod
