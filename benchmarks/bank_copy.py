@@ -13,7 +13,10 @@ def copy_bank(source: BankStore, version: str, target: BankStore, config: Config
     collection = target.create_version("bottle", rows.vectors.shape[1])
     target.insert(collection, rows)
     target.build_index(collection, config.index_type, config.effective_index_params)
-    target.write_description(collection, source.read_description(version))
+    description = source.read_description(version)
+    if description.extractor_model is not None:
+        target.write_model(collection, source.read_model(version))
+    target.write_description(collection, description)
     target.verify(collection, len(rows), probe_id=0, search_params=config.effective_search_params)
     target.publish("bottle", collection, keep=1)
     return collection
