@@ -2,10 +2,11 @@
 
 PatchCore's image score is the largest patch distance, so a single patch whose approximate
 nearest neighbour is far from its true one makes a good image defective, and thresholds
-calibrated through such a search rise until every defect passes. Measured on bottle: Milvus
-2.3.5's HNSW (M 16, ef 64) misses for 109 of 8,192 test patches, reporting about 100 where the
-exact distance is 8-12; Milvus Lite's faiss HNSW misses for 15, by up to 34. Nothing but the
-search width helps (the description rows were ruled out: searches stay in the bank partition).
+calibrated through such a search rise until every defect passes. Measured on bottle
+(benchmarks/ann_misses.py): Milvus 2.3.5's HNSW (M 16, ef 64) misses for 783 of 8,192 test
+patches, reporting about 100 where the exact distance is 8-12; Milvus Lite's faiss HNSW misses
+for 13, by up to 34. The search width is what helps (the description rows were ruled out:
+searches stay in the bank partition).
 
 So ingest measures the search it will publish (`choose_search_widths`): the width (HNSW `ef`,
 IVF `nprobe`) that stations use for every patch must find the exact nearest neighbour of at least
