@@ -201,3 +201,19 @@ def test_a_collection_without_our_description_is_refused_with_the_reason(store: 
     store.client.create_collection("foreign__v20200101T000000000000", schema=schema)  # looks like a version
     with pytest.raises(StoreError, match="has no patchcore-milvus description"):
         store.read_description("foreign__v20200101T000000000000")
+
+
+def test_descriptions_are_read_in_ranges_of_chunks(store: BankStore, monkeypatch):
+    from patchcore_milvus.milvus import rows
+
+    monkeypatch.setattr(rows, "_CHUNKS_PER_READ", 2)  # 4 chunks: two reads
+    vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
+    collection = fill(store, "ranged", vectors)
+    store.client.delete(collection, ids=[-1], partition_name="description")
+    names = [f"image_{i:06d}.png" for i in range(10000)]
+    store.write_description(collection, sample_description("ranged", names))
+    assert store.read_description(collection).training_images[0].bank == names
+    store.client.delete(collection, ids=[-2])  # a chunk of the first range goes missing
+    store.client.flush(collection)
+    with pytest.raises(StoreError, match="3 of 4 parts found"):
+        store.read_description(collection)

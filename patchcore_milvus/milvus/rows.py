@@ -229,19 +229,34 @@ def _write_text(connection: Connection, collection: str, text: str, partition: s
     connection.call("flush", lambda c, t: c.flush(collection, timeout=t), long=True)
 
 
-def _read_text(connection: Connection, collection: str, partition: str, ids: str) -> str | None:
-    """The text `_write_text` stored, None if there is none; ValueError if a chunk is missing."""
-    rows = connection.call(
-        "query",
-        lambda c, t: c.query(
-            collection,
-            filter=ids,
-            output_fields=[DESCRIPTION_FIELD, "patch_y"],
-            partition_names=[partition],
-            consistency_level="Strong",
-            timeout=t,
-        ),
-    )
+# Chunks read per query: about 15 MB of text, well under gRPC's and Milvus' message limits.
+_CHUNKS_PER_READ = 256
+
+
+def _read_text(connection: Connection, collection: str, partition: str, first_id: int) -> str | None:
+    """The text `_write_text` stored from `first_id` down, None if there is none; ValueError if a
+    chunk is missing. Read in ranges of ids, so that a large model never makes one huge answer."""
+    rows: list[dict[str, Any]] = []
+    expected, read = None, 0  # chunks the text has; ids read through so far
+    while expected is None or read < expected:
+        high = first_id - read
+        read += _CHUNKS_PER_READ
+        part = connection.call(
+            "query",
+            lambda c, t, high=high: c.query(
+                collection,
+                filter=f"id <= {high} and id > {high - _CHUNKS_PER_READ}",
+                output_fields=[DESCRIPTION_FIELD, "patch_y"],
+                partition_names=[partition],
+                consistency_level="Strong",
+                timeout=t,
+            ),
+        )
+        if expected is None:
+            if not part:
+                break
+            expected = part[0]["patch_y"]
+        rows.extend(part)
     if not rows:
         return None
     if any(row["patch_y"] != len(rows) for row in rows):
@@ -261,7 +276,7 @@ def write_model(connection: Connection, collection: str, model: bytes) -> None:
 
 def read_model(connection: Connection, collection: str) -> bytes:
     try:
-        text = _read_text(connection, collection, EXTRACTOR_PARTITION, f"id <= {_MODEL_FIRST_ID}")
+        text = _read_text(connection, collection, EXTRACTOR_PARTITION, _MODEL_FIRST_ID)
         if text is None:
             raise ValueError("no extractor rows")
         return base64.b64decode(text, validate=True)
@@ -286,7 +301,7 @@ def read_description(connection: Connection, collection: str) -> BankDescription
     if not has:
         return None  # not made by this patchcore-milvus (another tool, or a version before 0.2)
     try:
-        text = _read_text(connection, collection, DESCRIPTION_PARTITION, "id < 0")
+        text = _read_text(connection, collection, DESCRIPTION_PARTITION, -1)
         return None if text is None else BankDescription.from_json(text)
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise StoreError(f"the description of {collection} is damaged ({exc!r}); re-ingest the category") from exc
