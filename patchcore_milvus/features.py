@@ -58,7 +58,9 @@ class FeaturePipeline:
         return cls(description, _onnx_session(model, config.num_threads), model)
 
     @classmethod
-    def from_model(cls, description: ExtractorDescription, stored: ExtractorModel, model: bytes, config: Config):
+    def from_model(
+        cls, description: ExtractorDescription, stored: ExtractorModel, model: bytes, config: Config
+    ) -> FeaturePipeline:
         """A bank's own extractor, from the ONNX model it carries (checked against its checksum)."""
         checksum = hashlib.sha256(model).hexdigest()
         if checksum != stored.sha256:

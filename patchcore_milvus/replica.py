@@ -140,13 +140,18 @@ class LocalReplicas:
                 thread.start()
         return None
 
-    def search(self, version: str, vectors: np.ndarray, top_k: int, params: dict[str, Any]):
+    def search(
+        self, version: str, vectors: np.ndarray, top_k: int, params: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """At the bank's width on the replica; through Milvus while the replica is being built."""
         replica = self._replica(version)
         if replica is None:
             return self.store.search(version, vectors, top_k, params)
         return replica.search(vectors, top_k, params)
 
-    def precise(self, version: str, vectors: np.ndarray, top_k: int, params: dict[str, Any]):
+    def precise(
+        self, version: str, vectors: np.ndarray, top_k: int, params: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact on the replica; Milvus' recheck width while it is being built."""
         replica = self._replica(version)
         if replica is None:

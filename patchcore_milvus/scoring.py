@@ -56,7 +56,9 @@ def _axis(grid: int, image_size: int, crop: int | None, sigma: float, out: int) 
     return (_bilinear(image_size, out) @ chain).astype(np.float32)
 
 
-def anomaly_map(patch_scores: np.ndarray, preprocess: Preprocess, blur_sigma: float, width: int, height: int):
+def anomaly_map(
+    patch_scores: np.ndarray, preprocess: Preprocess, blur_sigma: float, width: int, height: int
+) -> np.ndarray:
     """Patch grid (h, w) -> the anomaly map (height, width) on the original image (PatchCore 3.3):
     upsampled bilinearly to the network input, Gaussian-blurred (`blur_sigma` at a 256-pixel
     input, scaled with the input size, so a map looks the same whatever resolution the bank was
