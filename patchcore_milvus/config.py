@@ -139,7 +139,7 @@ class Config:
         "milvus", "Where patches are searched: the shared Milvus index, or a local replica.", choices=SEARCHES
     )
     batch_size: int = _option(8, "Images per batch.")
-    num_threads: int | None = _option(None, "CPU threads for torch (default: all cores).")
+    num_threads: int | None = _option(None, "CPU threads for the extractor (default: all cores).")
     progress: bool = _option(True, "Progress bars.")
 
     def __post_init__(self) -> None:
