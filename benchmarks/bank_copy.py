@@ -8,7 +8,6 @@ from patchcore_milvus.milvus import BankStore
 
 def copy_bank(source: BankStore, version: str, target: BankStore, config: Config) -> str:
     """`version` of `source` as the current bottle bank of `target`, verified; returns the new collection."""
-    source.ensure_loaded(version)  # a Lite file opened again starts with its collections released
     rows = source.read_rows(version)
     collection = target.create_version("bottle", rows.vectors.shape[1])
     target.insert(collection, rows)

@@ -165,8 +165,8 @@ def extract_patches(
                 continue
             patches = features(np.stack(loaded))
             n, h, w, d = patches.shape
+            handle.write(patches.tobytes())  # row-major: the same bytes as the (N, d) rows
             flat = torch.from_numpy(patches.reshape(-1, d))
-            handle.write(flat.numpy().tobytes())
             if rows == 0:  # every image gives the same grid: allocate once, no concatenation later
                 projected = torch.empty(len(paths) * h * w, d if matrix is None else matrix.shape[1])
             projected[rows : rows + n * h * w] = flat if matrix is None else flat @ matrix

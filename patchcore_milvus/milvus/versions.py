@@ -230,9 +230,6 @@ class BankStore:
             )
         return target
 
-    def ensure_loaded(self, collection: str) -> None:
-        collection_rows.load(self.connection, collection)
-
     def versions(self, category: str) -> list[VersionInfo]:
         """Every version of a category, oldest first."""
         current = self.current_version(category)
