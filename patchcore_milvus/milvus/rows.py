@@ -21,6 +21,7 @@ from pymilvus import DataType, MilvusClient
 
 from patchcore_milvus.description import BankDescription
 from patchcore_milvus.errors import StoreError, StoreUnavailableError
+from patchcore_milvus.milvus.columnar import columnar_search
 from patchcore_milvus.milvus.connection import Connection
 
 VECTOR_FIELD = "embedding"
@@ -130,14 +131,26 @@ def search(
 
     Milvus reports squared L2; the square root turns it into PatchCore's distance. An HNSW
     search explores at least `top_k` candidates (Milvus refuses ef < top_k, and Milvus Lite
-    would return fewer hits). Queries without a hit keep distance inf and id -1.
+    would return fewer hits). Queries without a hit keep distance inf and id -1. Results are read
+    as arrays (`columnar_search`) where this pymilvus allows it.
     """
     if "ef" in search_params:
         search_params = {**search_params, "ef": max(int(search_params["ef"]), top_k)}
+    params = {"metric_type": "L2", "params": search_params}
     squared = np.full((len(vectors), top_k), np.inf, dtype=np.float32)
     ids = np.full((len(vectors), top_k), -1, dtype=np.int64)
     for start in range(0, len(vectors), MAX_NQ):
         block = vectors[start : start + MAX_NQ]
+        rows = slice(start, start + len(block))
+        found = connection.call(
+            "search",
+            lambda c, t, block=block: columnar_search(
+                c, collection, block, top_k, search_params, VECTOR_FIELD, BANK_PARTITION, "id", t
+            ),
+        )
+        if found is not None:
+            squared[rows], ids[rows] = found
+            continue
         hits = connection.call(
             "search",
             lambda c, t, block=block: c.search(
@@ -147,14 +160,14 @@ def search(
                 limit=top_k,
                 output_fields=["id"],
                 partition_names=[BANK_PARTITION],
-                search_params={"metric_type": "L2", "params": search_params},
+                search_params=params,
                 timeout=t,
             ),
         )
-        for row, neighbours in enumerate(hits, start=start):  # ids and distances, without a dict per hit
-            found = len(neighbours.ids)
-            squared[row, :found] = neighbours.distances
-            ids[row, :found] = neighbours.ids
+        for row, neighbours in enumerate(hits, start=start):
+            count = len(neighbours.ids)
+            squared[row, :count] = neighbours.distances
+            ids[row, :count] = neighbours.ids
     return np.sqrt(np.maximum(squared, 0.0)), ids
 
 
