@@ -8,9 +8,10 @@ all - wall of one) / 82, as the speed issue measures it. Then, in this process, 
 (default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW), searches the patches of
 bottle's test images (1,024 per image) in batches of `batch_size` images, one call per batch,
 with: Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index parameters),
-faiss-cpu IndexFlatL2 and IndexHNSWFlat (Milvus' HNSW parameters) and exact search. Each prints
-the median ms per image and recall@1 against exact search (a hit at the exact distance counts,
-so ties do not). Then the images are scored end to end with `Bank.score_paths` (decoding and
+faiss-cpu IndexFlatL2 and IndexHNSWFlat (Milvus' HNSW parameters) and exact search; the Milvus
+searches both as this project reads them (arrays, `columnar_search`) and through
+`MilvusClient.search` (one Python object per hit). Each prints the median ms per image and
+recall@1 against exact search (a hit at the exact distance counts, so ties do not). Then the images are scored end to end with `Bank.score_paths` (decoding and
 feature extraction of the next batch overlap the search of this one) and without the overlap,
 and the median time per image of each stage is printed.
 
@@ -40,6 +41,7 @@ from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images, load_rgb
 from patchcore_milvus.milvus import BankStore
+from patchcore_milvus.milvus.rows import BANK_PARTITION, VECTOR_FIELD
 from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # queries -> (distances, ids), k = 1
@@ -72,6 +74,26 @@ def faiss_search(index: faiss.Index) -> Search:
     def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         squared, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
         return np.sqrt(np.maximum(squared, 0)), ids
+
+    return search
+
+
+def per_hit_search(store: BankStore, collection: str, params: dict) -> Search:
+    """The same search through `MilvusClient.search`, which builds one `Hit` per result: the client
+    cost that `columnar_search` removes."""
+
+    def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hits = store.client.search(
+            collection,
+            data=queries,
+            anns_field=VECTOR_FIELD,
+            limit=1,
+            output_fields=["id"],
+            partition_names=[BANK_PARTITION],
+            search_params={"metric_type": "L2", "params": params},
+        )
+        squared = np.array([h.distances[0] for h in hits], dtype=np.float32)[:, None]
+        return np.sqrt(squared), np.array([h.ids[0] for h in hits])[:, None]
 
     return search
 
@@ -184,6 +206,7 @@ def main() -> None:
         flat.add(vectors)
         searchers: dict[str, Search] = {
             "Milvus Lite, HNSW": lambda q: store.search(version, q, 1, params),
+            "Milvus Lite, HNSW, through MilvusClient.search": per_hit_search(store, version, params),
             "faiss IndexHNSWFlat": faiss_search(hnsw),
             "faiss IndexFlatL2": faiss_search(flat),
             "exact (numpy)": lambda q: exact_search(q, 1),
@@ -192,6 +215,9 @@ def main() -> None:
             server_store = BankStore(server.uri)
             collection = copy_bank(store, version, server_store, config)
             searchers["Milvus 2.3.5 server, HNSW"] = lambda q: server_store.search(collection, q, 1, params)
+            searchers["Milvus 2.3.5 server, HNSW, through MilvusClient.search"] = per_hit_search(
+                server_store, collection, params
+            )
         try:
             per_image = len(batches[0]) // min(config.batch_size, len(paths))
             rows = {name: time_search(search, batches, exact, per_image) for name, search in searchers.items()}
