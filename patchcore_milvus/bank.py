@@ -15,7 +15,7 @@ from PIL import Image
 
 from patchcore_milvus.ann_check import recheck_params
 from patchcore_milvus.config import BACKBONE_NORMALIZATION, DEFAULT_SEARCH_PARAMS, Config, check_params
-from patchcore_milvus.description import BankDescription, ExtractorDescription
+from patchcore_milvus.description import BankDescription, ExtractorDescription, aggregation
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
@@ -411,6 +411,8 @@ def requested_differences(config: Config, bank: ExtractorDescription) -> list[st
         for name, (ours, theirs) in asked.items()
         if ours != getattr(default, name) and ours != theirs
     ]
+    if config.border != default.border and bank.aggregation != aggregation(config.border):
+        lines.append(f"border: bank has {bank.aggregation!r}, this query uses {config.border!r}")
     if config.normalization != default.normalization:
         wanted = NORMALIZATION_STATS[BACKBONE_NORMALIZATION[bank.backbone]]
         if (tuple(bank.normalization["mean"]), tuple(bank.normalization["std"])) != wanted:

@@ -21,6 +21,7 @@ BACKBONE_NORMALIZATION = {"efficientnet_lite0": "half", "wide_resnet50_2": "imag
 RUNTIMES = ("onnx", "torch")
 SEARCHES = ("milvus", "local")
 NORMALIZATIONS = ("imagenet", "backbone")
+BORDERS = ("zeros", "inside")
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
@@ -94,6 +95,12 @@ class Config:
     center_crop: int | None = _option(None, "Centre crop after resizing (default: none).")
     normalization: str = _option("imagenet", "Input statistics.", choices=NORMALIZATIONS)
     target_dim: int | None = _option(None, "Pool patch features to this many dims.")
+    border: str = _option(
+        "inside",
+        "3x3 neighbourhood average at the image border: 'inside' averages only the pixels inside "
+        "the image; 'zeros' counts the padding as zeros (anomalib's AvgPool2d).",
+        choices=BORDERS,
+    )
 
     # Coreset: `coreset_size` (an absolute count) wins over `coreset_ratio`.
     coreset_ratio: float = _option(0.1, "Fraction of patches kept in the bank.")

@@ -15,6 +15,15 @@ from patchcore_milvus.ann_check import SearchWidths
 
 SCHEMA = 2
 
+# How patch features are aggregated (PatchCore eq. 2): recorded, so a query can be held to it.
+AGGREGATION = "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat"
+
+
+def aggregation(border: str) -> str:
+    """The description's aggregation line: the border treatment of the 3x3 average named where
+    it is the zero padding (banks without that suffix averaged only inside the image)."""
+    return AGGREGATION if border == "inside" else f"{AGGREGATION}, border padding counted as zeros"
+
 
 @dataclass(frozen=True)
 class ExtractorDescription:

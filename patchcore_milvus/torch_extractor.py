@@ -12,19 +12,18 @@ from torch import nn
 
 from patchcore_milvus.backbones import Backbone, build_backbone
 from patchcore_milvus.config import Config
-from patchcore_milvus.description import ExtractorDescription
+from patchcore_milvus.description import ExtractorDescription, aggregation
 from patchcore_milvus.images import NORMALIZATION_STATS
-
-AGGREGATION = "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat"
 
 
 class PatchFeatureExtractor(nn.Module):
     """Image batch (B, 3, H, W) -> patch embeddings (B, H/8, W/8, D)."""
 
-    def __init__(self, backbone: Backbone, target_dim: int | None = None):
+    def __init__(self, backbone: Backbone, target_dim: int | None = None, border: str = "inside"):
         super().__init__()
         self.backbone = backbone
         self.target_dim = target_dim
+        self.count_padding = border == "zeros"
 
     @property
     def dim(self) -> int:
@@ -33,10 +32,10 @@ class PatchFeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         fine, coarse = self.backbone(images)
-        # Each patch sees its 3x3 neighbourhood; padding is left out of the average so that
-        # border patches are not dimmed (defects at the image border stay visible).
-        fine = F.avg_pool2d(fine, 3, stride=1, padding=1, count_include_pad=False)
-        coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1, count_include_pad=False)
+        # Each patch sees its 3x3 neighbourhood (eq. 2, p = 3). At the border the padding is
+        # left out of the average ("inside") or counted as zeros ("zeros", as anomalib does).
+        fine = F.avg_pool2d(fine, 3, stride=1, padding=1, count_include_pad=self.count_padding)
+        coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1, count_include_pad=self.count_padding)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         patches = torch.cat([fine, coarse], dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
         if self.target_dim is not None and self.target_dim != patches.shape[-1]:
@@ -51,7 +50,7 @@ def build(config: Config) -> tuple[PatchFeatureExtractor, ExtractorDescription]:
     backbone = build_backbone(config.backbone, config.weights, config.seed)
     normalization = backbone.native_normalization if config.normalization == "backbone" else "imagenet"
     mean, std = NORMALIZATION_STATS[normalization]
-    extractor = PatchFeatureExtractor(backbone, config.target_dim).eval()
+    extractor = PatchFeatureExtractor(backbone, config.target_dim, config.border).eval()
     description = ExtractorDescription(
         backbone=config.backbone,
         weights_sha256=backbone.weights_sha256(),
@@ -59,7 +58,7 @@ def build(config: Config) -> tuple[PatchFeatureExtractor, ExtractorDescription]:
         image_size=config.image_size,
         center_crop=config.center_crop,
         normalization={"mean": list(mean), "std": list(std)},
-        aggregation=AGGREGATION,
+        aggregation=aggregation(config.border),
         target_dim=config.target_dim,
         dim=extractor.dim,
     )

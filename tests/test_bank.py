@@ -7,6 +7,7 @@ import pytest
 from conftest import textured_image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
+from patchcore_milvus.config import BORDERS
 from patchcore_milvus.errors import BankMismatchError, BankNotFoundError, StoreError
 from patchcore_milvus.images import list_images, load_rgb
 
@@ -67,6 +68,9 @@ def test_mismatched_extractor_is_refused_with_the_difference(fitted: Config):
         Bank.open("texture", fitted.replace(image_size=96))
     with pytest.raises(BankMismatchError, match="weights_sha256"):
         Bank.open("texture", fitted.replace(weights="random"))
+    other = next(border for border in BORDERS if border != fitted.border)
+    with pytest.raises(BankMismatchError, match=f"border: bank has .* this query uses '{other}'"):
+        Bank.open("texture", fitted.replace(border=other))
 
 
 def test_thresholds_can_be_overridden(fitted: Config, tmp_path: Path):

@@ -44,21 +44,34 @@ def test_wide_resnet50_2_weights_from_a_file_and_a_clear_error_without(tmp_path)
         build_backbone("wide_resnet50_2", weights=str(tmp_path / "missing.pth"))
 
 
+class Identity(torch.nn.Module):
+    """A backbone whose fine map is the input's first channel and whose coarse map is zero."""
+
+    channels = (1, 1)
+    layers = ("a", "b")
+
+    def forward(self, images):
+        return [images[:, :1], torch.zeros(images.shape[0], 1, images.shape[2] // 2, images.shape[3] // 2)]
+
+
 def test_neighbourhood_aggregation_smooths_the_feature_grid():
     """A patch's embedding averages its 3x3 neighbourhood: one bright pixel spreads to its neighbours."""
-
-    class Identity(torch.nn.Module):
-        channels = (1, 1)
-        layers = ("a", "b")
-
-        def forward(self, images):
-            return [images[:, :1], torch.zeros(images.shape[0], 1, images.shape[2] // 2, images.shape[3] // 2)]
-
     images = torch.zeros(1, 3, 8, 8)
     images[0, 0, 4, 4] = 9.0
     patches = PatchFeatureExtractor(Identity())(images)
     assert patches[0, 3:6, 3:6, 0].eq(1.0).all()
     assert patches[0, 2, 2, 0] == 0.0
+
+
+def test_the_border_average_counts_the_padding_as_zeros_or_leaves_it_out():
+    """On a constant image, 'inside' keeps every patch at the constant; 'zeros' dims the edges to
+    6/9 and the corners to 4/9 (anomalib's AvgPool2d) and leaves the interior alone."""
+    images = torch.full((1, 3, 8, 8), 9.0)
+    inside = PatchFeatureExtractor(Identity(), border="inside")(images)[0, :, :, 0]
+    zeros = PatchFeatureExtractor(Identity(), border="zeros")(images)[0, :, :, 0]
+    assert inside.eq(9.0).all()
+    assert zeros[1:-1, 1:-1].eq(9.0).all()
+    assert zeros[0, 3] == pytest.approx(6.0) and zeros[0, 0] == pytest.approx(4.0)
 
 
 def test_description_mismatch_names_the_difference():
