@@ -11,9 +11,10 @@ with: Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index p
 faiss-cpu IndexFlatL2 and IndexHNSWFlat (Milvus' HNSW parameters) and exact search; the Milvus
 searches both as this project reads them (arrays, `columnar_search`) and through
 `MilvusClient.search` (one Python object per hit). Each prints the median ms per image and
-recall@1 against exact search (a hit at the exact distance counts, so ties do not). Then the images are scored end to end with `Bank.score_paths` (decoding and
-feature extraction of the next batch overlap the search of this one) and without the overlap,
-and the median time per image of each stage is printed.
+recall@1 against exact search (a hit at the exact distance counts, so ties do not). Then the
+images are scored end to end with `Bank.score_paths` (decoding and feature extraction of the next
+batch overlap the search of this one) and without the overlap, and the median time per image of
+each stage is printed.
 
     python benchmarks/query.py --images 40
     unshare -n sh -c 'ip link set lo up && python benchmarks/query.py --images 40 --server'

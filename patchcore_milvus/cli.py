@@ -22,6 +22,7 @@ from patchcore_milvus.config import (
     USER_ENV,
     Config,
     load_config,
+    shown_uri,
 )
 from patchcore_milvus.errors import ImageError, PatchcoreMilvusError
 
@@ -299,7 +300,7 @@ def evaluate(
         banked = {bank.category for bank in store.list_banks()}
         categories = tuple(sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name in banked))
         if not categories:
-            raise ImageError(f"no folder in {data_root} has a bank at {config.uri}")
+            raise ImageError(f"no folder in {data_root} has a bank at {shown_uri(config.uri)}")
     if not categories:
         raise click.UsageError("give --category NAME (repeatable) or --all")
     if report_dir is not None and search not in ("both", "all"):  # a report compares with exact search
@@ -325,7 +326,7 @@ def collections(config: Config) -> None:
 
     banks = BankStore.from_config(config).list_banks()
     if not banks:
-        click.echo(f"no banks at {config.uri}")
+        click.echo(f"no banks at {shown_uri(config.uri)}")
         return
     rows = [
         [
@@ -351,7 +352,7 @@ def history(category: str, config: Config) -> None:
 
     versions = BankStore.from_config(config).versions(category)
     if not versions:
-        raise PatchcoreMilvusError(f"no versions of {category!r} at {config.uri}")
+        raise PatchcoreMilvusError(f"no versions of {category!r} at {shown_uri(config.uri)}")
     rows = []
     for v in versions:
         name = ("* " if v.current else "  ") + v.version
@@ -431,7 +432,7 @@ def drop(category: str, yes: bool, config: Config) -> None:
     store = BankStore.from_config(config)
     store.resolve(category)
     if not yes:
-        click.confirm(f"delete the bank {category!r} at {config.uri}?", abort=True)
+        click.confirm(f"delete the bank {category!r} at {shown_uri(config.uri)}?", abort=True)
     dropped = store.drop(category)
     click.echo(f"dropped {category}: {', '.join(dropped)}")
 
@@ -446,6 +447,7 @@ def config_group() -> None:
 def config_show(config: Config) -> None:
     """Print the effective configuration (defaults < config file < flags) as YAML."""
     values = config.to_dict()
+    values["uri"] = shown_uri(config.uri)
     values["index_params"] = config.effective_index_params
     values["search_params"] = config.effective_search_params
     click.echo(yaml.safe_dump(values, sort_keys=False).rstrip())

@@ -179,6 +179,16 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def shown_uri(uri: str) -> str:
+    """`uri` as it may be printed or logged: credentials written into it (`http://user:secret@host`)
+    replaced by ***."""
+    scheme, separator, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not separator or "@" not in authority:
+        return uri
+    return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{slash}{path}"
+
+
 def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
@@ -318,5 +328,5 @@ def _check_values(c: Config) -> None:
     require(
         is_server or c.uri.endswith(".db"),
         f"uri must be http(s)://host:port for a Milvus server or a file path ending in .db "
-        f"for embedded Milvus Lite, got {c.uri!r}",
+        f"for embedded Milvus Lite, got {shown_uri(c.uri)!r}",
     )

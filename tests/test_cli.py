@@ -151,6 +151,20 @@ def test_config_show_merges_file_and_flags_and_hides_the_secrets(tmp_path: Path,
     assert "S3cret" not in result.output and "user 'station7'" in result.output
 
 
+def test_a_password_written_into_the_uri_is_never_printed():
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://station7:S3cret@127.0.0.1:{port}"
+    shown = CliRunner().invoke(main, ["config", "show", "--uri", uri])
+    assert shown.exit_code == 0 and f"uri: http://***@127.0.0.1:{port}" in shown.output
+    failed = CliRunner().invoke(main, ["collections", "--uri", uri, "--milvus-timeout", "1", "--retry-seconds", "1"])
+    assert failed.exit_code != 0 and f"http://***@127.0.0.1:{port}" in failed.output
+    assert "S3cret" not in shown.output + failed.output
+
+
 def test_clear_errors_for_bad_input(tmp_path: Path, db: str):
     runner = CliRunner()
     config = tmp_path / "bad.yaml"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from pymilvus import MilvusClient, MilvusException
 
+from patchcore_milvus.config import shown_uri
 from patchcore_milvus.errors import StoreError, StoreUnavailableError, VersionGoneError
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ class Connection:
         tls: dict[str, Any] | None = None,
     ):
         self.uri = uri
+        self.shown_uri = shown_uri(uri)  # for messages and logs: without credentials
         self.timeout = timeout
         self.index_timeout = index_timeout
         self.retry_seconds = retry_seconds
@@ -145,8 +147,8 @@ class Connection:
             reason = refusal(exc)
             if reason:
                 raise StoreError(
-                    f"Milvus at {uri} refused the credentials ({reason}): set MILVUS_TOKEN (user:password or "
-                    f"an API key), or MILVUS_USER and MILVUS_PASSWORD"
+                    f"Milvus at {self.shown_uri} refused the credentials ({reason}): set MILVUS_TOKEN "
+                    f"(user:password or an API key), or MILVUS_USER and MILVUS_PASSWORD"
                 ) from exc
             hint = (
                 "A Milvus Lite file serves one process at a time: is another ingest or query using it? "
@@ -155,7 +157,7 @@ class Connection:
                 else "Is the server running and reachable from here, and are MILVUS_TOKEN (or MILVUS_USER "
                 "and MILVUS_PASSWORD) and the TLS options right?"
             )
-            raise StoreError(f"cannot open Milvus at {uri}: {getattr(exc, 'message', exc)}. {hint}") from exc
+            raise StoreError(f"cannot open Milvus at {self.shown_uri}: {getattr(exc, 'message', exc)}. {hint}") from exc
 
     def call(self, what: str, function: Callable[[MilvusClient, float], T], long: bool = False) -> T:
         """`function(client, timeout)`, retried while its failure is transient; `long`: the
@@ -178,7 +180,7 @@ class Connection:
                 if not is_transient(exc):
                     reason = _reason(exc)
                     code = exc.code if isinstance(exc, MilvusException) else None
-                    message = f"Milvus at {self.uri} refused {what}: {reason}"
+                    message = f"Milvus at {self.shown_uri} refused {what}: {reason}"
                     lowered = reason.lower()
                     if code == 100 or ("collection" in lowered and any(w in lowered for w in _MISSING_WORDS)):
                         raise VersionGoneError(message, code=code) from exc
@@ -186,7 +188,7 @@ class Connection:
                 if attempt == 1:
                     log.warning(
                         "Milvus at %s: %s failed (%s); retrying for up to %.0f s",
-                        self.uri,
+                        self.shown_uri,
                         what,
                         _reason(exc),
                         self.retry_seconds,
@@ -199,8 +201,8 @@ class Connection:
                             "options (tls_ca_cert, tls_server_name) match the server's?"
                         )
                     raise StoreUnavailableError(
-                        f"Milvus at {self.uri} kept failing ({what}) for {self.retry_seconds:.0f} s: {_reason(exc)}. "
-                        f"{hint}"
+                        f"Milvus at {self.shown_uri} kept failing ({what}) for {self.retry_seconds:.0f} s: "
+                        f"{_reason(exc)}. {hint}"
                     ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 4.0)

@@ -225,7 +225,7 @@ class BankStore:
         if target is None:
             known = ", ".join(sorted(bank.category for bank in self.list_banks())) or "none yet"
             raise BankNotFoundError(
-                f"no bank for category {category!r} at {self.uri} (known: {known}); create it with "
+                f"no bank for category {category!r} at {self.connection.shown_uri} (known: {known}); create it with "
                 f"`patchcore-milvus ingest DATA_ROOT --category {category}`"
             )
         return target
