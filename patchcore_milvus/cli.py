@@ -277,7 +277,11 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
     help="Write report.json, report.md and pictures here (implies --search both).",
 )
 @click.option(
-    "--pixel-size", type=int, default=256, show_default=True, help="Maps and masks are compared at this square size."
+    "--pixel-size",
+    type=click.IntRange(16, 4096),
+    default=256,
+    show_default=True,
+    help="Maps and masks are compared at this square size.",
 )
 @config_options(*SCORING, "progress")
 def evaluate(

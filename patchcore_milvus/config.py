@@ -290,6 +290,8 @@ def _check_values(c: Config) -> None:
         c.normalization in NORMALIZATIONS,
         f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {c.normalization!r}",
     )
+    require(c.border in BORDERS, f"border must be one of {', '.join(BORDERS)}, got {c.border!r}")
+    require(0 <= c.seed < 2**32, f"seed must be a whole number from 0 to {2**32 - 1}, got {c.seed}")
     require(c.index_type in INDEX_TYPES, f"index_type must be one of {', '.join(INDEX_TYPES)}, got {c.index_type!r}")
     require(c.image_size >= 32, f"image_size must be at least 32 pixels, got {c.image_size}")
     require(

@@ -177,6 +177,11 @@ def test_clear_errors_for_bad_input(tmp_path: Path, db: str):
     assert result.exit_code == 2 and "invalid category name 'metal-nut'" in result.output
     result = runner.invoke(main, ["query", "--category", "cable", "--uri", db, str(config)])
     assert result.exit_code == 2 and "no bank for category 'cable'" in result.output
+    for seed in ("-1", str(2**64)):
+        result = runner.invoke(main, ["config", "show", "--seed", seed])
+        assert result.exit_code == 2 and "seed must be a whole number from 0 to" in result.output
+    result = runner.invoke(main, ["evaluate", str(tmp_path), "--category", "bottle", "--uri", db, "--pixel-size", "0"])
+    assert result.exit_code == 2 and "'--pixel-size': 0 is not in the range" in result.output
 
 
 def test_history_and_rollback_switch_what_queries_score_against(ingested: str, good_folder: Path, tmp_path: Path):
