@@ -36,7 +36,11 @@ def load_rgb(path: Path) -> Image.Image:
 
     Anything else is an ImageError with the reason: unreadable, truncated, not an image,
     too small, or so large that decoding it would exhaust memory (PIL's decompression-bomb
-    limit, checked from the header before any pixel is decoded)."""
+    limit, checked from the header before any pixel is decoded). Only regular files are opened:
+    reading a FIFO or a device could block forever."""
+    if not Path(path).is_file():
+        what = "does not exist" if not Path(path).exists() else "is not a regular file"
+        raise ImageError(f"{path}: {what}")
     try:
         with Image.open(path) as opened:
             width, height = opened.size

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,18 @@ def test_unreadable_file_raises_a_clear_error(tmp_path: Path):
     path.write_text("this is not an image")
     with pytest.raises(ImageError, match=r"notes\.png: not a readable image"):
         load_rgb(path)
+
+
+def test_a_fifo_or_a_folder_is_refused_at_once_never_waited_on(tmp_path: Path):
+    fifo = tmp_path / "camera.png"
+    os.mkfifo(fifo)  # opening it for reading would block until someone writes
+    with pytest.raises(ImageError, match=r"camera\.png: is not a regular file"):
+        load_rgb(fifo)
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageError, match=r"folder\.png: is not a regular file"):
+        load_rgb(tmp_path / "folder.png")
+    with pytest.raises(ImageError, match=r"gone\.png: does not exist"):
+        load_rgb(tmp_path / "gone.png")
 
 
 def test_any_size_and_aspect_ratio_gives_the_configured_input():
