@@ -16,6 +16,10 @@ from patchcore_milvus.bank import Inspection
 # Anchors of a blue -> cyan -> green -> yellow -> red map (like "jet"), interpolated linearly.
 _COLORMAP = np.array([[0, 0, 143], [0, 112, 255], [0, 220, 160], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
 OK_COLOR, DEFECT_COLOR, OUTLINE_COLOR = (0, 150, 60), (210, 0, 0), (255, 0, 255)
+# Each panel of the figure is drawn at most this many pixels on its longer side: outlining the
+# defect of a 12,000 x 12,000 image at full size took over ten minutes. The map and the mask
+# files keep the image's own size.
+PANEL_SIDE = 1600
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -35,13 +39,19 @@ def display_range(inspection: Inspection) -> tuple[float, float]:
 
 def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Image:
     """Original | overlay side by side, under a caption (`title`, default the file name) with
-    score, threshold and verdict."""
-    image = inspection.image
+    score, threshold and verdict; each panel at most PANEL_SIDE pixels on its longer side."""
+    image, amap, mask = inspection.image, inspection.anomaly_map, inspection.mask
+    scale = PANEL_SIDE / max(image.size)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        amap = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+        if mask is not None:
+            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     low, high = display_range(inspection)
-    normalised = (inspection.anomaly_map - low) / max(high - low, 1e-12)
+    normalised = (amap - low) / max(high - low, 1e-12)
     heat = Image.fromarray(heat_colors(normalised))
     overlay = Image.blend(image, heat, 0.45)
-    mask = inspection.mask
     if mask is not None and mask.any():
         width = max(1, image.width // 300)
         region = Image.fromarray(mask.astype(np.uint8) * 255)

@@ -39,3 +39,36 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path: Pat
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["map.npy"]
     save_atomically(target, lambda temporary: Path(temporary).write_text("new"))
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.npy"]
+
+
+def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from patchcore_milvus.bank import Inspection
+    from patchcore_milvus.visualize import OUTLINE_COLOR, PANEL_SIDE, overlay_figure, write_outputs
+
+    height, width = 3000, 4800
+    amap = np.zeros((height, width), dtype=np.float32)
+    amap[1000:1400, 2000:2600] = 10.0  # one defect region above the pixel threshold
+    inspection = Inspection(
+        path="big.png",
+        image_score=12.0,
+        image_threshold=5.0,
+        pixel_threshold=5.0,
+        anomaly_map=amap,
+        nearest_patch={},
+        timings_ms={},
+        image=Image.new("RGB", (width, height), (90, 90, 90)),
+        patch_distances=np.zeros((8, 8)),
+        patch_ids=np.zeros((8, 8), dtype=np.int64),
+        patch_norms=np.ones((8, 8)),
+    )
+    figure = overlay_figure(inspection)
+    assert max(figure.width // 2, figure.height) <= PANEL_SIDE + 100  # the caption adds a strip
+    overlay = np.asarray(figure)[-PANEL_SIDE * height // width :, figure.width // 2 :]
+    assert (overlay == OUTLINE_COLOR).all(axis=-1).any()
+    written = write_outputs(tmp_path, "big", inspection)
+    assert np.load(written[0]).shape == (height, width)  # the data keeps the image's size
+    with Image.open(written[2]) as mask:
+        assert mask.size == (width, height)
