@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -184,6 +185,32 @@ def extract_patches(
     )
 
 
+WORK_PREFIX = "patchcore-ingest-"  # then the PID of the ingest that made the folder
+
+
+def remove_stale_work_folders() -> list[Path]:
+    """Remove the temporary folders (patch features, hundreds of MB) of ingests killed before they
+    could clean up: those whose process is no longer running. Returns what was removed."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        pid = folder.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if not folder.is_dir() or not pid.isdigit() or _running(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def fit_bank(
     category: str, images: list[Path], config: Config, store: BankStore | None = None, root: Path | None = None
 ) -> IngestSummary:
@@ -252,7 +279,8 @@ def _ingest(
         )
     )
     seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="patchcore-ingest-") as work:
+    remove_stale_work_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as work:
         t = time.perf_counter()
         patches = extract_patches(
             features,

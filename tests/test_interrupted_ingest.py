@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,3 +92,18 @@ def test_an_ingest_killed_at_any_stage_loses_nothing_on_the_server(milvus_server
     values = {"uri": milvus_server.uri, **milvus_server.client_options, "image_size": 64, "holdout_ratio": 0.25}
     settings.write_text(yaml.safe_dump(values))
     check_interrupted_ingests(settings, {**os.environ, "MILVUS_TOKEN": ROOT_TOKEN}, tmp_path)
+
+
+def test_work_folders_of_killed_ingests_are_removed_and_running_ones_kept(tmp_path: Path, monkeypatch):
+    from patchcore_milvus.ingest import WORK_PREFIX, remove_stale_work_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{WORK_PREFIX}{finished.stdout.strip()}-x1y2"
+    alive = tmp_path / f"{WORK_PREFIX}{os.getpid()}-a3b4"
+    other = tmp_path / "someone-elses-folder"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "patches.f32").write_bytes(b"\0" * 1024)
+    assert remove_stale_work_folders() == [dead]
+    assert not dead.exists() and alive.exists() and other.exists()
