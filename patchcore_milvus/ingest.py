@@ -476,8 +476,13 @@ def _publish(
         description = replace(description, thresholds=thresholds)
         seconds["thresholds"] = time.perf_counter() - t
         _say(config, f"milvus: verifying {collection}, then publishing it as {category}")
-        store.write_description(collection, description)
         store.verify(collection, len(rows), probe_id=len(rows) // 2, search_params=widths.params)
+        # The description comes last: a version that has one passed verification, so a kill
+        # before this line leaves a leftover for `gc`, never a version that merely looks complete.
+        store.write_description(collection, description)
+        stored = store.read_description_or_none(collection)
+        if stored is None or stored.to_json() != description.to_json():
+            raise StoreError(f"new bank version {collection}: its description did not read back as written")
         store.publish(category, collection, keep=config.keep_versions)
     except BaseException:
         store.drop_version(collection)

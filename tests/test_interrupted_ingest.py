@@ -26,6 +26,7 @@ STAGES = {
     "coreset": "coreset:",
     "insert": "milvus: inserting",
     "indexing": "milvus: building the",
+    "verifying": "milvus: verifying",  # its description is not written yet: a leftover, not a version
 }
 
 
@@ -72,7 +73,7 @@ def check_interrupted_ingests(settings: Path, env: dict[str, str], tmp_path: Pat
         assert current == [before["bank_version"]], (stage, history)
 
     history = run("history", "texture", "--config", str(settings), env=env).stdout
-    assert "incomplete" in history  # the killed ingests left versions behind (insert, indexing)
+    assert "incomplete" in history  # the killed ingests left versions behind (insert, indexing, verifying)
     cleaned = run("gc", "--yes", "--config", str(settings), env=env)
     assert cleaned.returncode == 0 and cleaned.stdout.startswith("dropped texture__v"), cleaned.stderr[-2000:]
     history = run("history", "texture", "--config", str(settings), env=env).stdout
