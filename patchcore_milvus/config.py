@@ -22,6 +22,7 @@ RUNTIMES = ("onnx", "torch")
 SEARCHES = ("milvus", "local")
 NORMALIZATIONS = ("imagenet", "backbone")
 BORDERS = ("zeros", "inside")
+MAX_THREADS = 256  # more extractor threads than this only starve the machine (100,000 hung it)
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
@@ -307,7 +308,11 @@ def _check_values(c: Config) -> None:
     require(0 <= c.holdout_ratio < 1, f"holdout_ratio must be in [0, 1), got {c.holdout_ratio}")
     require(c.threshold_sigma >= 0, f"threshold_sigma must not be negative, got {c.threshold_sigma}")
     require(c.batch_size >= 1, f"batch_size must be at least 1, got {c.batch_size}")
-    require(c.num_threads is None or c.num_threads >= 1, f"num_threads must be at least 1, got {c.num_threads}")
+    require(
+        c.num_threads is None or 1 <= c.num_threads <= MAX_THREADS,
+        f"num_threads must be between 1 and {MAX_THREADS} (this machine has {os.cpu_count()} cores), "
+        f"got {c.num_threads}",
+    )
     require(c.milvus_timeout >= 0.1, f"milvus_timeout must be at least 0.1 seconds, got {c.milvus_timeout}")
     require(c.index_timeout > 0, f"index_timeout must be positive, got {c.index_timeout}")
     require(c.retry_seconds >= 0, f"retry_seconds must not be negative, got {c.retry_seconds}")

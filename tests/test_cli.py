@@ -180,6 +180,8 @@ def test_clear_errors_for_bad_input(tmp_path: Path, db: str):
     for seed in ("-1", str(2**64)):
         result = runner.invoke(main, ["config", "show", "--seed", seed])
         assert result.exit_code == 2 and "seed must be a whole number from 0 to" in result.output
+    result = runner.invoke(main, ["config", "show", "--num-threads", "100000"])
+    assert result.exit_code == 2 and "num_threads must be between 1 and 256" in result.output
     result = runner.invoke(main, ["evaluate", str(tmp_path), "--category", "bottle", "--uri", db, "--pixel-size", "0"])
     assert result.exit_code == 2 and "'--pixel-size': 0 is not in the range" in result.output
 
