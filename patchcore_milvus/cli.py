@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -118,6 +119,15 @@ def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def _is_storage_fault(exc: OSError) -> bool:
+    """A write that the disk refused (full, read-only, not permitted), as opposed to a bug; numpy
+    reports a short write as "... requested and ... written", without an errno."""
+    return exc.errno in _STORAGE_ERRNOS or ("requested and" in str(exc) and "written" in str(exc))
+
+
 class _Group(click.Group):
     """Prints our errors and Milvus' as one clear message, not a traceback."""
 
@@ -133,6 +143,17 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PatchcoreMilvusError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if not _is_storage_fault(exc):
+                raise
+            click.secho(
+                f"error: could not write {exc.filename or 'a file'}: {exc.strerror or exc}. Free some space "
+                "(or point TMPDIR or --out elsewhere) and check the folder's permissions; nothing "
+                "half-written was left behind.",
+                fg="red",
+                err=True,
+            )
             sys.exit(2)
         finally:
             ours.removeHandler(handler)

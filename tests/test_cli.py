@@ -56,6 +56,23 @@ def query(db: str, *args: str):
     return CliRunner().invoke(main, ["query", *settings, *args])
 
 
+def test_a_full_disk_while_writing_outputs_is_a_message_not_a_traceback(ingested: str, tmp_path: Path, monkeypatch):
+    import errno
+
+    import numpy
+
+    textured_image(100).save(tmp_path / "good.png")
+
+    def disk_full(target, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(numpy, "save", disk_full)
+    result = query(ingested, "--out", str(tmp_path / "out"), str(tmp_path / "good.png"))
+    assert result.exit_code == 2 and "No space left on device" in result.output, result.output
+    assert "Free some space" in result.output and "Traceback" not in result.output
+    assert list((tmp_path / "out").iterdir()) == []  # no half-written or temporary file
+
+
 def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
     (tmp_path / "in" / "a").mkdir(parents=True)
     (tmp_path / "in" / "b").mkdir(parents=True)
