@@ -135,7 +135,7 @@ class Bank:
         cls, category: str, config: Config, store: BankStore | None = None, features: FeaturePipeline | None = None
     ) -> Bank:
         """The category's current bank; refuses an extractor that differs from the bank's."""
-        store = store or BankStore.from_config(config)
+        store = store or BankStore.from_config(config, existing=True)
         version = store.resolve(category)
         description = store.read_description(version)
         features = features or bank_extractor(store, version, description, config)

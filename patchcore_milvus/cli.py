@@ -252,8 +252,11 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
 def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json: bool, config: Config) -> None:
     """Score images (files, or folders searched recursively) against CATEGORY's bank: score, verdict, map, mask."""
     from patchcore_milvus.bank import Bank
+    from patchcore_milvus.images import IMAGE_SUFFIXES
     from patchcore_milvus.visualize import output_stems, write_outputs
 
+    if out_dir is not None and out_dir.suffix.lower() in IMAGE_SUFFIXES:
+        raise ImageError(f"--out names a folder for the outputs (maps, overlays, masks), not a file: {out_dir}")
     paths = _expand(inputs)
     stems = dict(zip(paths, output_stems(paths)))
     bank = Bank.open(category, config)
@@ -320,7 +323,7 @@ def evaluate(
     from patchcore_milvus.milvus import BankStore
     from patchcore_milvus.report import summary, table_lines, write_report
 
-    store = BankStore.from_config(config)
+    store = BankStore.from_config(config, existing=True)
     if all_categories:
         banked = {bank.category for bank in store.list_banks()}
         categories = tuple(sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name in banked))
@@ -349,7 +352,7 @@ def collections(config: Config) -> None:
     """List the banks: category, vectors, dim, index, backbone, created."""
     from patchcore_milvus.milvus import BankStore
 
-    banks = BankStore.from_config(config).list_banks()
+    banks = BankStore.from_config(config, existing=True).list_banks()
     if not banks:
         click.echo(f"no banks at {shown_uri(config.uri)}")
         return
@@ -375,7 +378,7 @@ def history(category: str, config: Config) -> None:
     """List CATEGORY's bank versions, oldest first; `*` marks the one stations use."""
     from patchcore_milvus.milvus import BankStore
 
-    versions = BankStore.from_config(config).versions(category)
+    versions = BankStore.from_config(config, existing=True).versions(category)
     if not versions:
         raise PatchcoreMilvusError(f"no versions of {category!r} at {shown_uri(config.uri)}")
     rows = []
@@ -410,7 +413,7 @@ def rollback(category: str, version: str | None, config: Config) -> None:
     Stations pick it up before their next batch; `history` lists the versions."""
     from patchcore_milvus.milvus import BankStore
 
-    target = BankStore.from_config(config).rollback(category, version)
+    target = BankStore.from_config(config, existing=True).rollback(category, version)
     click.echo(f"{category} -> {target}")
 
 
@@ -424,13 +427,14 @@ def gc(category: str | None, yes: bool, config: Config) -> None:
     An ingest still running also has such a version: do not run this while one is."""
     from patchcore_milvus.milvus import BankStore
 
-    store = BankStore.from_config(config)
+    store = BankStore.from_config(config, existing=True)
     found = store.leftovers(category)
     if not found:
         click.echo("no leftovers")
         return
-    if not yes:
-        click.confirm(f"drop {', '.join(found)} (no ingest must be running)?", abort=True)
+    if not yes and not click.confirm(f"drop {', '.join(found)} (no ingest must be running)?"):
+        click.echo("nothing dropped")
+        return
     for name in found:
         store.drop_version(name)
     click.echo(f"dropped {', '.join(found)}")
@@ -454,10 +458,13 @@ def drop(category: str, yes: bool, config: Config) -> None:
     """Delete CATEGORY's bank (all its versions)."""
     from patchcore_milvus.milvus import BankStore
 
-    store = BankStore.from_config(config)
+    store = BankStore.from_config(config, existing=True)
     store.resolve(category)
-    if not yes:
-        click.confirm(f"delete the bank {category!r} at {shown_uri(config.uri)}?", abort=True)
+    versions = len(store.versions(category))
+    question = f"delete the bank {category!r} at {shown_uri(config.uri)} ({versions} version(s), none kept)?"
+    if not yes and not click.confirm(question):
+        click.echo("nothing dropped")
+        return
     dropped = store.drop(category)
     click.echo(f"dropped {category}: {', '.join(dropped)}")
 

@@ -101,12 +101,20 @@ def output_stems(paths: list[Path]) -> list[str]:
     return unique
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomically(target: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file and rename, so a reader never sees a half-written file."""
+    """Write through a temporary file and rename, so a reader never sees a half-written file; the
+    file gets the mode any new file would (0644 under umask 022)."""
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from everyone else
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

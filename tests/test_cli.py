@@ -1,6 +1,7 @@
 """The command line as a user runs it, on synthetic images and a real Milvus Lite file."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,15 @@ def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
     assert set(np.unique(mask)) <= {0, 255} and mask.any()
     overlay = Image.open(out / "a_000_overlay.png")
     assert overlay.width == 2 * 96 and overlay.height > 96
+    previous = os.umask(0o022)
+    try:  # files a dashboard can read: the mode any new file gets, not mkstemp's 0600
+        assert query(ingested, "--out", str(tmp_path / "shared"), str(tmp_path / "in" / "a")).exit_code == 0
+    finally:
+        os.umask(previous)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "shared").iterdir()} == {"0o644"}
+    named_like_a_file = query(ingested, "--out", str(tmp_path / "result.png"), str(tmp_path / "in" / "a"))
+    assert named_like_a_file.exit_code == 2 and "--out names a folder" in named_like_a_file.output
+    assert not (tmp_path / "result.png").exists()
 
 
 def test_outputs_of_inputs_with_similar_names_never_overwrite_each_other(ingested: str, tmp_path: Path):
@@ -134,9 +144,22 @@ def test_collections_and_drop(ingested: str):
     header, row = listing.output.splitlines()
     assert header.split()[:6] == ["category", "vectors", "dim", "index", "backbone", "created"]
     assert row.split()[:5] == ["texture", "96", "152", "IVF_FLAT", "efficientnet_lite0"]
+    declined = CliRunner().invoke(main, ["drop", "texture", "--uri", ingested], input="n\n")
+    assert declined.exit_code == 0 and "(1 version(s), none kept)?" in declined.output
+    assert "nothing dropped" in declined.output and "Aborted" not in declined.output
     dropped = CliRunner().invoke(main, ["drop", "texture", "--yes", "--uri", ingested])
     assert dropped.exit_code == 0 and "dropped texture" in dropped.output
     assert "no banks" in CliRunner().invoke(main, ["collections", "--uri", ingested]).output
+
+
+def test_reading_a_bank_file_that_is_not_there_creates_nothing(tmp_path: Path):
+    missing = tmp_path / "typo.db"
+    textured_image(100).save(tmp_path / "good.png")
+    query = ["query", "--category", "texture", str(tmp_path / "good.png")]
+    for command in (["collections"], ["history", "texture"], query):
+        result = CliRunner().invoke(main, [*command, "--uri", str(missing)])
+        assert result.exit_code == 2 and f"no Milvus Lite file at {missing}" in result.output, result.output
+    assert not missing.exists()
 
 
 def test_query_with_another_extractor_is_refused(ingested: str, tmp_path: Path):
@@ -193,7 +216,7 @@ def test_clear_errors_for_bad_input(tmp_path: Path, db: str):
     result = runner.invoke(main, ["ingest", str(tmp_path), "--category", "metal-nut", "--uri", db])
     assert result.exit_code == 2 and "invalid category name 'metal-nut'" in result.output
     result = runner.invoke(main, ["query", "--category", "cable", "--uri", db, str(config)])
-    assert result.exit_code == 2 and "no bank for category 'cable'" in result.output
+    assert result.exit_code == 2 and "no Milvus Lite file at" in result.output  # nothing was ingested
     for seed in ("-1", str(2**64)):
         result = runner.invoke(main, ["config", "show", "--seed", seed])
         assert result.exit_code == 2 and "seed must be a whole number from 0 to" in result.output

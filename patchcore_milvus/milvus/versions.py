@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,16 +75,23 @@ class BankStore:
     and transient faults are retried with exponential backoff for `retry_seconds`.
     """
 
-    def __init__(self, uri: str, **options: Any):
-        """`options`: Connection's (credentials, timeout, index_timeout, retry_seconds, tls)."""
+    def __init__(self, uri: str, existing: bool = False, **options: Any):
+        """`options`: Connection's (credentials, timeout, index_timeout, retry_seconds, tls).
+        `existing`: a Milvus Lite file must be there already (reading a bank must not create an
+        empty one, as opening a missing file does)."""
+        if existing and not uri.startswith(("http://", "https://")) and not Path(uri).exists():
+            raise BankNotFoundError(
+                f"no Milvus Lite file at {uri} (from {Path.cwd()}): `ingest` creates it; pass --uri to use another"
+            )
         self.uri = uri
         self.connection = Connection(uri, **options)
         self.client = self.connection.client  # for tests and benchmarks that look underneath
 
     @classmethod
-    def from_config(cls, config: Config) -> BankStore:
+    def from_config(cls, config: Config, existing: bool = False) -> BankStore:
         return cls(
             config.uri,
+            existing,
             credentials=config.credentials,
             timeout=config.milvus_timeout,
             index_timeout=config.index_timeout,
@@ -256,14 +264,14 @@ class BankStore:
         return target
 
     def list_banks(self) -> list[BankInfo]:
-        """Every published bank, by category."""
+        """Every published bank, sorted by category."""
         banks = []
         for name in self._collections():
             category = category_of(name)
             if category is None or self.current_version(category) != name:
                 continue
             banks.append(BankInfo(category, name, self.vector_count(name), self.read_description(name)))
-        return banks
+        return sorted(banks, key=lambda bank: bank.category)
 
     def leftovers(self, category: str | None = None) -> list[str]:
         """Versions without a description (interrupted ingests, or one still being built), never
