@@ -81,7 +81,8 @@ class BankStore:
         empty one, as opening a missing file does)."""
         if existing and not uri.startswith(("http://", "https://")) and not Path(uri).exists():
             raise BankNotFoundError(
-                f"no Milvus Lite file at {uri} (from {Path.cwd()}): `ingest` creates it; pass --uri to use another"
+                f"no Milvus Lite file at {uri} (from {Path.cwd()}): `patchcore-milvus ingest` creates it; "
+                "pass --uri to use another"
             )
         self.uri = uri
         self.connection = Connection(uri, **options)
