@@ -61,8 +61,13 @@ class Inspection:
 
     @property
     def mask(self) -> np.ndarray | None:
+        """Where the map exceeds the pixel threshold, on an image whose verdict is not OK: the
+        verdict decides, so that no picture outlines a defect on a part called OK (its map is
+        still in `anomaly_map`). None without a pixel threshold."""
         if self.pixel_threshold is None:
             return None
+        if self.verdict == "OK":
+            return np.zeros(self.anomaly_map.shape, dtype=bool)
         return self.anomaly_map > self.pixel_threshold
 
     def summary(self) -> dict[str, Any]:

@@ -72,3 +72,32 @@ def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_p
     assert np.load(written[0]).shape == (height, width)  # the data keeps the image's size
     with Image.open(written[2]) as mask:
         assert mask.size == (width, height)
+
+
+def test_an_ok_verdict_never_comes_with_an_outlined_defect():
+    import numpy as np
+    from PIL import Image
+
+    from patchcore_milvus.bank import Inspection
+    from patchcore_milvus.visualize import OUTLINE_COLOR, overlay_figure
+
+    amap = np.zeros((64, 64), dtype=np.float32)
+    amap[10:20, 10:20] = 9.0  # above the pixel threshold, but the image score is below its own
+    inspection = Inspection(
+        path="good_019.png",
+        image_score=4.0,
+        image_threshold=5.0,
+        pixel_threshold=6.0,
+        anomaly_map=amap,
+        nearest_patch={},
+        timings_ms={},
+        image=Image.new("RGB", (64, 64), (90, 90, 90)),
+        patch_distances=np.zeros((8, 8)),
+        patch_ids=np.zeros((8, 8), dtype=np.int64),
+        patch_norms=np.ones((8, 8)),
+    )
+    assert inspection.verdict == "OK" and not inspection.mask.any()
+    assert inspection.summary()["defect_pixels"] == 0
+    assert not (np.asarray(overlay_figure(inspection)) == OUTLINE_COLOR).all(axis=-1).any()
+    inspection.image_score = 7.0
+    assert inspection.verdict == "DEFECT" and inspection.mask.sum() == 100
