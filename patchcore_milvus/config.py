@@ -21,7 +21,7 @@ BACKBONE_NORMALIZATION = {"efficientnet_lite0": "half", "wide_resnet50_2": "imag
 RUNTIMES = ("onnx", "torch")
 SEARCHES = ("milvus", "local")
 NORMALIZATIONS = ("imagenet", "backbone")
-BORDERS = ("inside", "zeros", "edge")
+BORDERS = ("zeros", "inside")
 MAX_THREADS = 256  # more extractor threads than this only starve the machine (100,000 hung it)
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
@@ -99,8 +99,7 @@ class Config:
     border: str = _option(
         "inside",
         "3x3 neighbourhood average at the image border: 'inside' averages only the pixels inside "
-        "the image; 'zeros' counts the padding as zeros (anomalib's AvgPool2d); 'edge' repeats the "
-        "border features outward.",
+        "the image; 'zeros' counts the padding as zeros (anomalib's AvgPool2d).",
         choices=BORDERS,
     )
 

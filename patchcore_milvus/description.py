@@ -20,10 +20,9 @@ AGGREGATION = "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, 
 
 
 def aggregation(border: str) -> str:
-    """The description's aggregation line: the border treatment of the 3x3 average named where it
-    is not the original one (banks without a suffix averaged only inside the image)."""
-    padding = {"inside": "", "zeros": ", border padding counted as zeros", "edge": ", border features repeated outward"}
-    return AGGREGATION + padding[border]
+    """The description's aggregation line: the border treatment of the 3x3 average named where
+    it is the zero padding (banks without that suffix averaged only inside the image)."""
+    return AGGREGATION if border == "inside" else f"{AGGREGATION}, border padding counted as zeros"
 
 
 @dataclass(frozen=True)

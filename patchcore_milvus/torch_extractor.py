@@ -23,24 +23,19 @@ class PatchFeatureExtractor(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.target_dim = target_dim
-        self.border = border
+        self.count_padding = border == "zeros"
 
     @property
     def dim(self) -> int:
         return self.target_dim or sum(self.backbone.channels)
 
-    def _neighbourhood(self, features: torch.Tensor) -> torch.Tensor:
-        """Each patch's 3x3 neighbourhood average (eq. 2, p = 3). At the border: only the pixels
-        inside ("inside"), the padding counted as zeros ("zeros", as anomalib does), or the edge
-        repeated outward ("edge")."""
-        if self.border == "edge":
-            return F.avg_pool2d(F.pad(features, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        return F.avg_pool2d(features, 3, stride=1, padding=1, count_include_pad=self.border == "zeros")
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         fine, coarse = self.backbone(images)
-        fine, coarse = self._neighbourhood(fine), self._neighbourhood(coarse)
+        # Each patch sees its 3x3 neighbourhood (eq. 2, p = 3). At the border the padding is
+        # left out of the average ("inside") or counted as zeros ("zeros", as anomalib does).
+        fine = F.avg_pool2d(fine, 3, stride=1, padding=1, count_include_pad=self.count_padding)
+        coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1, count_include_pad=self.count_padding)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         patches = torch.cat([fine, coarse], dim=1).permute(0, 2, 3, 1)  # (B, h, w, C)
         if self.target_dim is not None and self.target_dim != patches.shape[-1]:
