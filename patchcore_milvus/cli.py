@@ -123,8 +123,8 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 
 def _is_storage_fault(exc: OSError) -> bool:
-    """A write that the disk refused (full, read-only, not permitted), as opposed to a bug; numpy
-    reports a short write as "... requested and ... written", without an errno."""
+    """A file the system refused (disk full, read-only, not permitted), as opposed to a bug;
+    numpy reports a short write as "... requested and ... written", without an errno."""
     return exc.errno in _STORAGE_ERRNOS or ("requested and" in str(exc) and "written" in str(exc))
 
 
@@ -148,9 +148,9 @@ class _Group(click.Group):
             if not _is_storage_fault(exc):
                 raise
             click.secho(
-                f"error: could not write {exc.filename or 'a file'}: {exc.strerror or exc}. Free some space "
-                "(or point TMPDIR or --out elsewhere) and check the folder's permissions; nothing "
-                "half-written was left behind.",
+                f"error: {exc.filename or 'a file'}: {exc.strerror or exc}. Free some space (or point "
+                "TMPDIR or --out elsewhere) and check the permissions of that file's folder; outputs "
+                "are written whole or not at all.",
                 fg="red",
                 err=True,
             )
