@@ -84,7 +84,6 @@ CONNECTION = [
 SCORING = [
     *CONNECTION,
     *EXTRACTOR,
-    "seed",
     "search_params",
     "image_threshold",
     "pixel_threshold",

@@ -202,7 +202,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - set(option_names()))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(option_names())}")
+        where = f" in {path}" if path is not None else ""
+        named = ", ".join(f"{name!r}{_did_you_mean(name, option_names())}" for name in unknown)
+        raise ConfigError(f"unknown option(s){where}: {named}; valid options are: {', '.join(option_names())}")
     return Config(**values)
 
 

@@ -33,6 +33,18 @@ def test_unknown_key_is_named_with_the_valid_ones(tmp_path: Path):
     with pytest.raises(ConfigError, match="corset_ratio") as info:
         load_config(path)
     assert all(name in str(info.value) for name in option_names())
+    assert f"in {path}: 'corset_ratio' (did you mean 'coreset_ratio'?)" in str(info.value)
+
+
+def test_scoring_commands_offer_no_seed():
+    """The seed drives the projection, the coreset and the hold-out split: ingest's, not query's."""
+    from click.testing import CliRunner
+
+    from patchcore_milvus.cli import main
+
+    for command in ("query", "evaluate"):
+        assert "--seed" not in CliRunner().invoke(main, [command, "--help"]).output
+    assert "--seed" in CliRunner().invoke(main, ["ingest", "--help"]).output
 
 
 @pytest.mark.parametrize(
