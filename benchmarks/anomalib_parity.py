@@ -42,7 +42,7 @@ from patchcore_milvus.ingest import fit_bank
 from patchcore_milvus.mvtec import ground_truth, labelled_test_images, train_folder
 
 SETS = ["../shared/data/mvtec_ad:bottle", "../shared/data/magnetic_tile_defect:magnetic_tile"]
-METRICS = ("image_auroc", "pixel_auroc", "aupro_0.3")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
 PIXEL_SIZE = 256
 
 

@@ -131,15 +131,16 @@ def _wall(command: list[str], env: dict[str, str]) -> float:
 
 def station_rows(
     data: Path, lite_uri: str, server_uri: str | None, cache: Path
-) -> dict[str, tuple[float, float, float | None]]:
+) -> dict[str, tuple[float, float, float | None, str]]:
     """The CLI as a station runs it, each in a fresh process: ingest, a one-image query, a query
-    of all test images. Per back end: (steady ms per image, one-image wall s, ingest wall s)."""
+    of all test images. Per back end: (steady ms per image, one-image wall s, ingest wall s, the
+    search width the ingest's check chose)."""
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     one = [str(data / "bottle" / "test" / "broken_large" / "000.png")]
     every = [str(data / "bottle" / "test")]
     count = len(list_images(data / "bottle" / "test", recursive=True))
     cli = ["patchcore-milvus"]
-    rows: dict[str, tuple[float, float, float | None]] = {}
+    rows: dict[str, tuple[float, float, float | None, str]] = {}
     setups = [
         ("Milvus Lite (default)", lite_uri, []),
         ("search: local (replica of the Lite bank)", lite_uri, ["--search", "local"]),
@@ -156,7 +157,11 @@ def station_rows(
         _wall([*query, *one], env)  # warm: page cache, and a local replica built once
         single = _wall([*query, *one], env)
         whole = _wall([*query, *every], env)
-        rows[name] = ((whole - single) * 1000 / (count - 1), single, ingest)
+        store = BankStore(uri)
+        widths = store.read_description(store.resolve("bottle")).search
+        store.close()
+        width = ", ".join(f"{k} {v}" for k, v in widths.params.items()) if widths else "-"
+        rows[name] = ((whole - single) * 1000 / (count - 1), single, ingest, width)
         print(f"{name}: {rows[name][0]:.0f} ms per image, one image {single:.2f} s", flush=True)
     return rows
 
@@ -238,11 +243,14 @@ def main() -> None:
     print("\n`patchcore-milvus query` over bottle's test images (decoding included), steady state = (wall of all")
     print(f"- wall of one) / (all - 1); anomalib 2.7.0 PatchCore, same weights, 10 %: {ANOMALIB_MS} ms (model forward")
     print("alone, measured on this machine by the issue that set the targets)")
-    print("| back end | ms per image, steady state | faster than anomalib | one-image query, wall s | ingest, wall s |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, (steady, one, ingest) in stations.items():
+    print(
+        "| back end | ms per image, steady state | faster than anomalib | one-image query, wall s | ingest, wall s "
+        "| search width (ingest's check) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, (steady, one, ingest, width) in stations.items():
         ingest_s = "-" if ingest is None else f"{ingest:.1f}"
-        print(f"| {name} | {steady:.0f} | {ANOMALIB_MS / steady:.2f}x | {one:.2f} | {ingest_s} |")
+        print(f"| {name} | {steady:.0f} | {ANOMALIB_MS / steady:.2f}x | {one:.2f} | {ingest_s} | {width} |")
 
     per_batch = config.batch_size
     print(f"\n{len(paths)} bottle test images, {per_batch} images (x 1,024 patches) per search call, k = 1")

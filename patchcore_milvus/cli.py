@@ -320,7 +320,7 @@ def evaluate(
     from patchcore_milvus.bank import Bank
     from patchcore_milvus.evaluate import evaluate_category
     from patchcore_milvus.milvus import BankStore
-    from patchcore_milvus.report import summary, table_lines, write_report
+    from patchcore_milvus.report import detail_lines, summary, table_lines, write_report
 
     store = BankStore.from_config(config, existing=True)
     if all_categories:
@@ -339,7 +339,7 @@ def evaluate(
             evaluate_category(banks[category], category, data_root / category, search, pixel_size, config.progress)
         )
     report = summary(evaluations)
-    click.echo("\n".join(table_lines(report)))
+    click.echo("\n".join([*table_lines(report), "", *detail_lines(report)]))
     if report_dir is not None:
         written = write_report(report, evaluations, banks, report_dir)
         click.echo(f"report: {', '.join(str(p) for p in written)}")

@@ -86,7 +86,7 @@ def set_metrics(
     metrics: dict[str, Any] = {
         "image_auroc": auroc(labels, scored.scores),
         "pixel_auroc": float(np.trapezoid(pixel_tpr, pixel_fpr)),
-        "aupro_0.3": aupro(truth, scored.maps, 0.3),
+        "aupro": aupro(truth, scored.maps, 0.3),
         "image_auroc_per_defect": {
             defect: auroc(labels[mask], scored.scores[mask])
             for defect in sorted({i.defect for i in images} - {GOOD})
@@ -184,6 +184,6 @@ def evaluate_category(
             ours, exact = report["search"][method], report["search"]["exact"]
             report[key] = {
                 "patch_recall_at_1": patch_recall_at_1(scored[method], scored["exact"]),
-                **{f"{k}_difference": ours[k] - exact[k] for k in ("image_auroc", "pixel_auroc", "aupro_0.3")},
+                **{f"{k}_difference": ours[k] - exact[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
             }
     return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})

@@ -16,7 +16,7 @@ from patchcore_milvus.evaluate import CategoryEvaluation
 from patchcore_milvus.mvtec import GOOD
 from patchcore_milvus.visualize import overlay_figure, save_atomically
 
-MEAN_KEYS = ("image_auroc", "pixel_auroc", "aupro_0.3")
+MEAN_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 THRESHOLD_KEYS = ("image_f1", "accuracy", "pixel_f1", "pixel_iou")
 
 
@@ -73,6 +73,18 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def detail_lines(report: dict[str, Any]) -> list[str]:
+    """Below the table: image AUROC per defect type and the median time of each stage, per
+    category and search."""
+    lines = []
+    for category, entry in report["categories"].items():
+        for method, m in entry["search"].items():
+            defects = ", ".join(f"{d} {_fmt(v)}" for d, v in m["image_auroc_per_defect"].items())
+            stages = ", ".join(f"{s} {t['median']:.0f}" for s, t in m["time_ms"].items())
+            lines.append(f"{category} {method}: image AUROC per defect type: {defects}; median ms: {stages}")
+    return lines
+
+
 def _row(
     label: str, method: str, m: dict[str, Any], at: dict[str, Any], counts: tuple[str, str], ms: str, recall: str
 ) -> list[str]:
@@ -82,7 +94,7 @@ def _row(
         method,
         f"{m['image_auroc']:.4f}",
         f"{m['pixel_auroc']:.4f}",
-        f"{m['aupro_0.3']:.4f}",
+        f"{m['aupro']:.4f}",
         _fmt(at.get("image_f1")),
         _fmt(at.get("accuracy")),
         *counts,
@@ -97,13 +109,30 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _signed(value: float) -> str:
+    """+0.0012 / -0.0012, and +0.0000 for anything that rounds to zero (never -0.0000)."""
+    return f"{round(value, 4) + 0.0:+.4f}"
+
+
+def _tidy(value: Any) -> Any:
+    """Floats rounded to 6 decimals and -0.0 written as 0.0: no 0.9999999999999999 or -0.0000
+    in report.json (a difference of exactly zero between two searches is 0)."""
+    if isinstance(value, float):
+        return round(value, 6) + 0.0
+    if isinstance(value, dict):
+        return {key: _tidy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tidy(item) for item in value]
+    return value
+
+
 def write_report(
     report: dict[str, Any], evaluations: list[CategoryEvaluation], banks: dict[str, Bank], out: Path
 ) -> list[Path]:
     """report.json, report.md, and per category: ROC and PRO curves and a contact sheet."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json", out / "report.md"]
-    save_atomically(written[0], lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    save_atomically(written[0], lambda p: Path(p).write_text(json.dumps(_tidy(report), indent=2)))
     save_atomically(written[1], lambda p: Path(p).write_text(markdown(report)))
     for evaluation in evaluations:
         written.append(plot_curves(evaluation, out / f"{evaluation.category}_curves.png"))
@@ -143,8 +172,8 @@ def markdown(report: dict[str, Any]) -> str:
                 a = entry[key]
                 lines.append(
                     f"- {name} vs exact: patch recall@1 {a['patch_recall_at_1']:.4f}; differences "
-                    f"image AUROC {a['image_auroc_difference']:+.4f}, pixel AUROC "
-                    f"{a['pixel_auroc_difference']:+.4f}, AUPRO {a['aupro_0.3_difference']:+.4f}"
+                    f"image AUROC {_signed(a['image_auroc_difference'])}, pixel AUROC "
+                    f"{_signed(a['pixel_auroc_difference'])}, AUPRO {_signed(a['aupro_difference'])}"
                 )
         lines += ["", f"![curves]({category}_curves.png)", "", f"![worst cases]({category}_worst.png)", ""]
     return "\n".join(lines)
@@ -165,7 +194,7 @@ def plot_curves(evaluation: CategoryEvaluation, target: Path) -> Path:
             value = {
                 "image_roc": metric["image_auroc"],
                 "pixel_roc": metric["pixel_auroc"],
-                "pro": metric["aupro_0.3"],
+                "pro": metric["aupro"],
             }[key]
             axis.plot(x, y, label=f"{method} ({value:.4f})", linestyle="-" if method == "milvus" else "--")
         if key == "pro":
