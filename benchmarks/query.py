@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -129,6 +130,18 @@ def _wall(command: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
+def _search_width(uri: str, env: dict[str, str]) -> str:
+    """The search parameters bottle's current version was published with, read in a child process
+    (a Milvus Lite file serves one process, and the stations' commands need it afterwards)."""
+    script = (
+        "import sys; from patchcore_milvus.milvus import BankStore; s = BankStore(sys.argv[1]); "
+        "w = s.read_description(s.resolve('bottle')).search; "
+        "print(', '.join(f'{k} {v}' for k, v in w.params.items()) if w else '-')"
+    )
+    done = subprocess.run([sys.executable, "-c", script, uri], check=True, capture_output=True, text=True, env=env)
+    return done.stdout.strip()
+
+
 def station_rows(
     data: Path, lite_uri: str, server_uri: str | None, cache: Path
 ) -> dict[str, tuple[float, float, float | None, str]]:
@@ -157,11 +170,7 @@ def station_rows(
         _wall([*query, *one], env)  # warm: page cache, and a local replica built once
         single = _wall([*query, *one], env)
         whole = _wall([*query, *every], env)
-        store = BankStore(uri)
-        widths = store.read_description(store.resolve("bottle")).search
-        store.close()
-        width = ", ".join(f"{k} {v}" for k, v in widths.params.items()) if widths else "-"
-        rows[name] = ((whole - single) * 1000 / (count - 1), single, ingest, width)
+        rows[name] = ((whole - single) * 1000 / (count - 1), single, ingest, _search_width(uri, env))
         print(f"{name}: {rows[name][0]:.0f} ms per image, one image {single:.2f} s", flush=True)
     return rows
 

@@ -43,6 +43,8 @@ from patchcore_milvus.images import load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore, validate_category
 from patchcore_milvus.thresholds import RULE, calibrate, holdout_split
 
+THRESHOLD_RISE_WARNING = 5.0  # percent: an append that raises a threshold more than this says so
+
 
 @dataclass
 class IngestSummary:
@@ -59,10 +61,13 @@ class IngestSummary:
     seconds: dict[str, float]
     search: SearchWidths | None  # as measured against exact search before publishing; None if nothing was
     skipped: list[str] = field(default_factory=list)  # unusable files left out, with the reason
-    # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now.
+    # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now,
+    # whether the picks stopped at the cap, and the grown version's thresholds (image, pixel).
     appended_to: str | None = None
     far_patches: int = 0
     bank_size: int = 0
+    capped: bool = False
+    previous_thresholds: tuple[float | None, float | None] | None = None
 
     def lines(self) -> list[str]:
         def fmt(value: float | None) -> str:
@@ -84,6 +89,29 @@ class IngestSummary:
                 f"{self.coreset_size} added to {self.appended_to}: {self.bank_size} x {self.dim} dims, "
                 f"index {self.index}"
             )
+            if self.capped:
+                bank += (
+                    " (stopped at the cap, coreset_ratio of the new patches: some of them stay less well "
+                    "covered than the old ones; --coreset-ratio or --coreset-size raises it)"
+                )
+        thresholds = f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}"
+        warnings = []
+        if self.previous_thresholds is not None:
+            moves = []
+            now = (self.image_threshold, self.pixel_threshold)
+            for name, old, new in zip(("image", "pixel"), self.previous_thresholds, now):
+                if old is None or new is None:
+                    continue
+                change = (new - old) / old * 100 if old else 0.0
+                moves.append(f"{name} {old:.4f} -> {new:.4f} ({change:+.1f} %)")
+                if change > THRESHOLD_RISE_WARNING:
+                    warnings.append(
+                        f"warning: the {name} threshold rose {change:.1f} %: a part scoring between the old "
+                        f"and the new one now passes as OK. Check with `evaluate`, or go back with "
+                        f"`patchcore-milvus rollback {self.category}`"
+                    )
+            if moves:
+                thresholds = f"thresholds: {', '.join(moves)}"
         return [
             *(f"skipped {reason}" for reason in self.skipped),
             f"bank {self.category} -> collection {self.collection}",
@@ -92,7 +120,8 @@ class IngestSummary:
             bank,
             f"search: {_params(self.search.params)} (recall@1 {self.search.recall_at_1:.4f} against exact search on "
             f"{self.search.probes} patches), worst patches rechecked at {_params(self.search.recheck)}",
-            f"thresholds: image {fmt(self.image_threshold)}, pixel {fmt(self.pixel_threshold)}",
+            thresholds,
+            *warnings,
             f"time: {stages}",
         ]
 
@@ -376,8 +405,15 @@ def _ingest(
         holdout_images=len(description.thresholds.holdout) - len(earlier),  # this run's held-out images
         appended_to=None if grown is None else grown.version,
         bank_size=len(contents.rows),
+        capped=grown is not None and len(picks) == limit < far,
+        previous_thresholds=None if grown is None else _threshold_pair(grown.description),
         **counts,
     )
+
+
+def _threshold_pair(description: BankDescription) -> tuple[float | None, float | None] | None:
+    thresholds = description.thresholds
+    return None if thresholds is None else (thresholds.image, thresholds.pixel)
 
 
 def _new_picks(patches: PatchSet, grown: _Grown, dim: int, limit: int) -> tuple[np.ndarray, int]:

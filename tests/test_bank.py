@@ -7,6 +7,7 @@ import pytest
 from conftest import textured_image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
+from patchcore_milvus.ann_check import SearchWidths
 from patchcore_milvus.config import BORDERS
 from patchcore_milvus.errors import BankMismatchError, BankNotFoundError, StoreError
 from patchcore_milvus.images import list_images, load_rgb
@@ -247,3 +248,32 @@ def test_a_damaged_extractor_model_is_refused(fitted: Config):
     store.client.flush(version)
     with pytest.raises(StoreError, match=r"extractor model of .* is damaged"):
         Bank.open("texture", fitted, store=store)
+
+
+def test_an_append_summary_says_how_the_thresholds_moved_and_when_the_cap_stopped_it():
+    from patchcore_milvus.ingest import IngestSummary
+
+    summary = IngestSummary(
+        category="bottle",
+        collection="bottle__v2",
+        images=6,
+        holdout_images=1,
+        patches=5120,
+        coreset_size=512,
+        dim=152,
+        index="HNSW",
+        image_threshold=30.08,
+        pixel_threshold=25.20,
+        seconds={},
+        search=SearchWidths({"ef": 64}, {"ef": 1024}, 1.0, 1.0, 4096),
+        appended_to="bottle__v1",
+        far_patches=3150,
+        bank_size=19763,
+        capped=True,
+        previous_thresholds=(27.58, 25.12),
+    )
+    text = "\n".join(summary.lines())
+    assert "image 27.5800 -> 30.0800 (+9.1 %), pixel 25.1200 -> 25.2000 (+0.3 %)" in text
+    assert "warning: the image threshold rose 9.1 %" in text and "rollback bottle" in text
+    assert "warning: the pixel" not in text
+    assert "stopped at the cap" in text and "--coreset-ratio or --coreset-size raises it" in text

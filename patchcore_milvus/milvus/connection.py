@@ -22,6 +22,9 @@ log = logging.getLogger("patchcore_milvus.milvus")
 # pymilvus logs a whole traceback for every failed call, retried or not (thousands of lines at a
 # station during an outage); this package turns each failure into one line of its own instead.
 logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+# Milvus Lite logs its own tracebacks (a file locked by another process, a write after an
+# interrupt) before the call fails; the failure reaches the user as this package's one line.
+logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
 
