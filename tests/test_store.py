@@ -145,6 +145,10 @@ def test_a_lite_file_held_by_another_process_is_explained(store: BankStore):
     result = subprocess.run([sys.executable, "-c", opener], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "serves one process at a time" in result.stderr and "http://host:port" in result.stderr
+    command = [sys.executable, "-c", "from patchcore_milvus.cli import main; main()", "collections", "--uri", store.uri]
+    cli = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "serves one process at a time" in cli.stderr
+    assert "Traceback" not in cli.stderr and "DataDirLockedError" not in cli.stderr  # Milvus Lite's own log
 
 
 @pytest.mark.parametrize("index_type", ["HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8"])
