@@ -22,6 +22,10 @@ RUNTIMES = ("onnx", "torch")
 SEARCHES = ("milvus", "local")
 NORMALIZATIONS = ("imagenet", "backbone")
 BORDERS = ("zeros", "inside")
+# Bounds that keep a setting from exhausting memory with a MemoryError deep in the work: a 2,048 px
+# input is 65,536 patches per image; pooling patches to more dims than this only pads them.
+MAX_IMAGE_SIZE = 2048
+MAX_TARGET_DIM = 8192
 MAX_THREADS = 256  # more extractor threads than this only starve the machine (100,000 hung it)
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
@@ -296,12 +300,19 @@ def _check_values(c: Config) -> None:
     require(c.border in BORDERS, f"border must be one of {', '.join(BORDERS)}, got {c.border!r}")
     require(0 <= c.seed < 2**32, f"seed must be a whole number from 0 to {2**32 - 1}, got {c.seed}")
     require(c.index_type in INDEX_TYPES, f"index_type must be one of {', '.join(INDEX_TYPES)}, got {c.index_type!r}")
-    require(c.image_size >= 32, f"image_size must be at least 32 pixels, got {c.image_size}")
+    require(
+        32 <= c.image_size <= MAX_IMAGE_SIZE,
+        f"image_size must be from 32 to {MAX_IMAGE_SIZE} pixels, got {c.image_size} (larger inputs would "
+        "need gigabytes per image before the first one is scored)",
+    )
     require(
         c.center_crop is None or 32 <= c.center_crop <= c.image_size,
         f"center_crop must lie between 32 and image_size ({c.image_size}), got {c.center_crop}",
     )
-    require(c.target_dim is None or c.target_dim > 0, f"target_dim must be positive, got {c.target_dim}")
+    require(
+        c.target_dim is None or 0 < c.target_dim <= MAX_TARGET_DIM,
+        f"target_dim must be from 1 to {MAX_TARGET_DIM}, got {c.target_dim}",
+    )
     require(0 < c.coreset_ratio <= 1, f"coreset_ratio must be in (0, 1], got {c.coreset_ratio}")
     require(c.coreset_size is None or c.coreset_size > 0, f"coreset_size must be positive, got {c.coreset_size}")
     require(c.projection_dim > 0, f"projection_dim must be positive, got {c.projection_dim}")

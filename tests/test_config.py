@@ -52,7 +52,9 @@ def test_scoring_commands_offer_no_seed():
     [
         ("coreset_ratio", 0, "coreset_ratio must be in"),
         ("coreset_ratio", 1.5, "coreset_ratio must be in"),
-        ("image_size", -3, "image_size must be at least"),
+        ("image_size", -3, "image_size must be from 32 to 2048"),
+        ("image_size", 100000, "image_size must be from 32 to 2048"),
+        ("target_dim", 10**7, "target_dim must be from 1 to 8192"),
         ("image_size", "big", "image_size must be int"),
         ("reweight", "yes", "reweight must be bool"),
         ("backbone", "resnet18", "backbone must be one of"),
