@@ -18,6 +18,9 @@ from patchcore_milvus.metrics import aupro, auroc, f1_iou, pro_curve, roc_curve
 from patchcore_milvus.mvtec import GOOD, LabelledImage, ground_truth, labelled_test_images
 
 STAGES = ("load", "extract", "search", "post")
+HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+# Each approximate search, and the report key of its comparison with exact search.
+VERSUS_EXACT = {"milvus": "ann_vs_exact", "local": "local_vs_exact"}
 
 
 def resize_map(amap: np.ndarray, size: int) -> np.ndarray:
@@ -179,11 +182,11 @@ def evaluate_category(
         report["search"][name], curves[name] = set_metrics(
             images, truth, run, bank.image_threshold, bank.pixel_threshold
         )
-    for method, key in (("milvus", "ann_vs_exact"), ("local", "local_vs_exact")):
+    for method, key in VERSUS_EXACT.items():
         if method in scored and "exact" in scored:
             ours, exact = report["search"][method], report["search"]["exact"]
             report[key] = {
                 "patch_recall_at_1": patch_recall_at_1(scored[method], scored["exact"]),
-                **{f"{k}_difference": ours[k] - exact[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+                **{f"{k}_difference": ours[k] - exact[k] for k in HEADLINE_METRICS},
             }
     return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})

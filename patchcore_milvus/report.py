@@ -12,11 +12,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from patchcore_milvus import __version__
 from patchcore_milvus.bank import Bank
-from patchcore_milvus.evaluate import CategoryEvaluation
+from patchcore_milvus.evaluate import HEADLINE_METRICS, VERSUS_EXACT, CategoryEvaluation
 from patchcore_milvus.mvtec import GOOD
 from patchcore_milvus.visualize import overlay_figure, save_atomically
 
-MEAN_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 THRESHOLD_KEYS = ("image_f1", "accuracy", "pixel_f1", "pixel_iou")
 
 
@@ -27,7 +26,7 @@ def summary(evaluations: list[CategoryEvaluation]) -> dict[str, Any]:
     mean: dict[str, Any] = {}
     for method in methods:
         rows = [e.report["search"][method] for e in evaluations if method in e.report["search"]]
-        mean[method] = {k: float(np.mean([r[k] for r in rows])) for k in MEAN_KEYS}
+        mean[method] = {k: float(np.mean([r[k] for r in rows])) for k in HEADLINE_METRICS}
         at = [r["at_threshold"] for r in rows if "at_threshold" in r]
         mean[method].update({k: float(np.mean([a[k] for a in at])) for k in THRESHOLD_KEYS if at and k in at[0]})
     return {
@@ -59,8 +58,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         for method, m in entry["search"].items():
             at = m.get("at_threshold", {})
             ms = sum(m["time_ms"][s]["median"] for s in m["time_ms"])
-            against = {"milvus": "ann_vs_exact", "local": "local_vs_exact"}.get(method, "")
-            recall = entry.get(against, {}).get("patch_recall_at_1")
+            recall = entry.get(VERSUS_EXACT.get(method, ""), {}).get("patch_recall_at_1")
             counts = (str(at.get("false_positives", "-")), str(at.get("false_negatives", "-")))
             rows.append(_row(category, method, m, at, counts, f"{ms:.0f}", _fmt(recall)))
     if len(report["categories"]) > 1:
@@ -167,8 +165,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"- {method}: image AUROC per defect type: {per_defect}",
                 f"- {method}: ms per image, median (p95): {stages}; {m['images_per_second']:.2f} images/s",
             ]
-        for key, name in (("ann_vs_exact", "Milvus"), ("local_vs_exact", "Local replica")):
+        for method, key in VERSUS_EXACT.items():
             if key in entry:
+                name = {"milvus": "Milvus", "local": "Local replica"}[method]
                 a = entry[key]
                 lines.append(
                     f"- {name} vs exact: patch recall@1 {a['patch_recall_at_1']:.4f}; differences "
