@@ -184,6 +184,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def is_server_uri(uri: str) -> bool:
+    """An http(s):// address of a Milvus server, as opposed to a Milvus Lite file."""
+    return uri.startswith(("http://", "https://"))
+
+
 def shown_uri(uri: str) -> str:
     """`uri` as it may be printed or logged: credentials written into it (`http://user:secret@host`)
     replaced by ***."""
@@ -344,9 +349,8 @@ def _check_values(c: Config) -> None:
     for name, value in c.search_params.items():
         takes = [t for t, rules in SEARCH_PARAM_RULES.items() if name in rules]
         check_params("search", {name: value}, takes[0] if takes else c.index_type)
-    is_server = c.uri.startswith(("http://", "https://"))
     require(
-        is_server or c.uri.endswith(".db"),
+        is_server_uri(c.uri) or c.uri.endswith(".db"),
         f"uri must be http(s)://host:port for a Milvus server or a file path ending in .db "
         f"for embedded Milvus Lite, got {shown_uri(c.uri)!r}",
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from pymilvus import MilvusClient, MilvusException
 
-from patchcore_milvus.config import shown_uri
+from patchcore_milvus.config import is_server_uri, shown_uri
 from patchcore_milvus.errors import StoreError, StoreUnavailableError, VersionGoneError
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def tls_options(config: Config) -> dict[str, Any]:
     """pymilvus' TLS arguments: one-way TLS trusts `tls_ca_cert`; mutual TLS adds the client's pair.
     None for a Milvus Lite file, which is reached in-process."""
     options: dict[str, Any] = {}
-    if not config.uri.startswith(("http://", "https://")):
+    if not is_server_uri(config.uri):
         return options
     if config.tls_client_cert:
         options.update(
@@ -132,7 +132,7 @@ class Connection:
         self.timeout = timeout
         self.index_timeout = index_timeout
         self.retry_seconds = retry_seconds
-        self.is_lite = not uri.startswith(("http://", "https://"))
+        self.is_lite = not is_server_uri(uri)
         # Milvus Lite's embedded server answers pymilvus' idle keep-alive pings (every 10 s) with
         # GOAWAY "too_many_pings" and a logged error; it is in-process, so idle pings buy nothing.
         options = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000} if self.is_lite else {}

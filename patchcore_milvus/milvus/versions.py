@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from patchcore_milvus.config import is_server_uri
 from patchcore_milvus.description import BankDescription
 from patchcore_milvus.errors import BankNotFoundError, StoreError, StoreUnavailableError
 from patchcore_milvus.milvus import rows as collection_rows
@@ -79,7 +80,7 @@ class BankStore:
         """`options`: Connection's (credentials, timeout, index_timeout, retry_seconds, tls).
         `existing`: a Milvus Lite file must be there already (reading a bank must not create an
         empty one, as opening a missing file does)."""
-        if existing and not uri.startswith(("http://", "https://")) and not Path(uri).exists():
+        if existing and not is_server_uri(uri) and not Path(uri).exists():
             raise BankNotFoundError(
                 f"no Milvus Lite file at {uri} (from {Path.cwd()}): `patchcore-milvus ingest` creates it; "
                 "pass --uri to use another"
