@@ -41,21 +41,19 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary(tmp_path: Pat
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["map.npy"]
 
 
-def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_path: Path):
+def inspection_of(amap, score: float, image_threshold: float, pixel_threshold: float, path: str = "x.png"):
+    """An Inspection of a flat grey image with the given map, without a bank."""
     import numpy as np
     from PIL import Image
 
     from patchcore_milvus.bank import Inspection
-    from patchcore_milvus.visualize import OUTLINE_COLOR, PANEL_SIDE, overlay_figure, write_outputs
 
-    height, width = 3000, 4800
-    amap = np.zeros((height, width), dtype=np.float32)
-    amap[1000:1400, 2000:2600] = 10.0  # one defect region above the pixel threshold
-    inspection = Inspection(
-        path="big.png",
-        image_score=12.0,
-        image_threshold=5.0,
-        pixel_threshold=5.0,
+    height, width = amap.shape
+    return Inspection(
+        path=path,
+        image_score=score,
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
         anomaly_map=amap,
         nearest_patch={},
         timings_ms={},
@@ -64,6 +62,18 @@ def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_p
         patch_ids=np.zeros((8, 8), dtype=np.int64),
         patch_norms=np.ones((8, 8)),
     )
+
+
+def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from patchcore_milvus.visualize import OUTLINE_COLOR, PANEL_SIDE, overlay_figure, write_outputs
+
+    height, width = 3000, 4800
+    amap = np.zeros((height, width), dtype=np.float32)
+    amap[1000:1400, 2000:2600] = 10.0  # one defect region above the pixel threshold
+    inspection = inspection_of(amap, 12.0, 5.0, 5.0, "big.png")
     figure = overlay_figure(inspection)
     assert max(figure.width // 2, figure.height) <= PANEL_SIDE + 100  # the caption adds a strip
     overlay = np.asarray(figure)[-PANEL_SIDE * height // width :, figure.width // 2 :]
@@ -76,26 +86,12 @@ def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_p
 
 def test_an_ok_verdict_never_comes_with_an_outlined_defect():
     import numpy as np
-    from PIL import Image
 
-    from patchcore_milvus.bank import Inspection
     from patchcore_milvus.visualize import OUTLINE_COLOR, overlay_figure
 
     amap = np.zeros((64, 64), dtype=np.float32)
     amap[10:20, 10:20] = 9.0  # above the pixel threshold, but the image score is below its own
-    inspection = Inspection(
-        path="good_019.png",
-        image_score=4.0,
-        image_threshold=5.0,
-        pixel_threshold=6.0,
-        anomaly_map=amap,
-        nearest_patch={},
-        timings_ms={},
-        image=Image.new("RGB", (64, 64), (90, 90, 90)),
-        patch_distances=np.zeros((8, 8)),
-        patch_ids=np.zeros((8, 8), dtype=np.int64),
-        patch_norms=np.ones((8, 8)),
-    )
+    inspection = inspection_of(amap, 4.0, 5.0, 6.0, "good_019.png")
     assert inspection.verdict == "OK" and not inspection.mask.any()
     assert inspection.summary()["defect_pixels"] == 0
     assert not (np.asarray(overlay_figure(inspection)) == OUTLINE_COLOR).all(axis=-1).any()
