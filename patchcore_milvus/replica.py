@@ -12,8 +12,6 @@ alias moves, the new version's replica is built in a background thread while Mil
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,8 @@ from typing import Any
 import numpy as np
 
 from patchcore_milvus.exact import ExactSearch
+from patchcore_milvus.files import cache_folder, save_atomically
 from patchcore_milvus.milvus import BankStore
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchcore-milvus" / "replicas"
 
 
 class Replica:
@@ -69,18 +64,8 @@ class Replica:
         import faiss
 
         folder.mkdir(parents=True, exist_ok=True)
-        for suffix, write in (
-            (".npy", lambda path: np.save(path, self.vectors)),
-            (".faiss", lambda path: faiss.write_index(self.index, str(path))),
-        ):
-            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-            os.close(handle)
-            try:
-                write(temporary)
-                os.replace(temporary, folder / f"{stem}{suffix}")
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+        save_atomically(folder / f"{stem}.npy", lambda path: np.save(path, self.vectors))
+        save_atomically(folder / f"{stem}.faiss", lambda path: faiss.write_index(self.index, path))
 
     @classmethod
     def load(cls, folder: Path, stem: str) -> Replica | None:
@@ -101,7 +86,7 @@ class LocalReplicas:
     def __init__(self, store: BankStore, cache: Path | None = None):
         self.store = store
         # One cache folder per Milvus address, so that two servers' versions never mix.
-        self.cache = (cache or default_cache()) / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+        self.cache = (cache or cache_folder("replicas")) / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
         self._ready: dict[str, Replica] = {}
         self._building: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()

@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw, ImageFont
 from patchcore_milvus import __version__
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.evaluate import HEADLINE_METRICS, VERSUS_EXACT, CategoryEvaluation
+from patchcore_milvus.files import save_atomically
 from patchcore_milvus.mvtec import GOOD
-from patchcore_milvus.visualize import overlay_figure, save_atomically
+from patchcore_milvus.visualize import overlay_figure
 
 THRESHOLD_KEYS = ("image_f1", "accuracy", "pixel_f1", "pixel_iou")
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from patchcore_milvus.bank import Inspection
+from patchcore_milvus.files import save_atomically
 
 # Anchors of a blue -> cyan -> green -> yellow -> red map (like "jet"), interpolated linearly.
 _COLORMAP = np.array([[0, 0, 143], [0, 112, 255], [0, 220, 160], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
@@ -99,26 +98,6 @@ def output_stems(paths: list[Path]) -> list[str]:
         seen[stem] += 1
         unique.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return unique
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def save_atomically(target: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file and rename, so a reader never sees a half-written file; the
-    file gets the mode any new file would (0644 under umask 022)."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from everyone else
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_outputs(out_dir: Path, stem: str, inspection: Inspection) -> list[Path]:

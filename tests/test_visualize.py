@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from patchcore_milvus.visualize import output_stems, save_atomically
+from patchcore_milvus.files import save_atomically
+from patchcore_milvus.visualize import output_stems
 
 
 def test_crafted_input_names_cannot_write_outside_the_output_folder(tmp_path: Path):
