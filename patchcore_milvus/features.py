@@ -41,7 +41,16 @@ class FeaturePipeline:
 
     @classmethod
     def from_config(cls, config: Config) -> FeaturePipeline:
-        """The configured backbone and weights (torch), run on the configured runtime."""
+        """The configured backbone and weights (torch), run on the configured runtime. On ONNX
+        Runtime, an extractor exported before on this machine is taken from the cache (see
+        exported.py), without torch."""
+        from patchcore_milvus import exported
+
+        if config.runtime == "onnx":
+            cached = exported.load(config)
+            if cached is not None:
+                description, model = cached
+                return cls(description, _onnx_session(model, config.num_threads), model)
         import torch
 
         from patchcore_milvus import torch_extractor
@@ -55,6 +64,7 @@ class FeaturePipeline:
 
             return cls(description, run)
         model = torch_extractor.export_onnx(extractor, config.center_crop or config.image_size)
+        exported.save(config, description, model)
         return cls(description, _onnx_session(model, config.num_threads), model)
 
     @classmethod

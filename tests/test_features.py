@@ -108,7 +108,8 @@ def test_a_weights_file_that_is_a_pickle_of_code_is_refused(tmp_path, capsys):
     assert "pickle executed" not in capsys.readouterr().out
 
 
-def test_onnx_runtime_gives_torch_s_features_on_real_images(bottle_root):
+def test_onnx_runtime_gives_torch_s_features_on_real_images(bottle_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh export, not a cached one
     import numpy as np
 
     from patchcore_milvus.images import list_images, load_rgb
