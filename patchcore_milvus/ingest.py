@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -179,18 +180,34 @@ def extract_patches(
     positions: list[np.ndarray] = []
     skipped: list[str] = []
     rows = 0
-    with target.open("wb") as handle, tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            loaded, indices = [], []
-            for index in range(start, min(start + batch_size, len(paths))):
-                try:
-                    loaded.append(features.preprocess(load_rgb(paths[index])))
-                    indices.append(index)
-                except ImageError as exc:
-                    if strict:
-                        raise
-                    skipped.append(str(exc))
-            bar.update(min(batch_size, len(paths) - start))
+
+    def decode(start: int) -> tuple[list[np.ndarray], list[int], list[str]]:
+        loaded, indices, unusable = [], [], []
+        for index in range(start, min(start + batch_size, len(paths))):
+            try:
+                loaded.append(features.preprocess(load_rgb(paths[index])))
+                indices.append(index)
+            except ImageError as exc:
+                if strict:
+                    raise
+                unusable.append(str(exc))
+        return loaded, indices, unusable
+
+    starts = iter(range(0, len(paths), batch_size))
+    first = next(starts, None)
+    with (
+        target.open("wb") as handle,
+        tqdm(total=len(paths), desc="features", unit="img", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-decode") as decoder,
+    ):
+        # The next batch is decoded (PIL releases the GIL) while this one goes through the network.
+        pending = None if first is None else decoder.submit(decode, first)
+        while pending is not None:
+            loaded, indices, unusable = pending.result()
+            start = next(starts, None)
+            pending = None if start is None else decoder.submit(decode, start)
+            skipped += unusable
+            bar.update(len(loaded) + len(unusable))
             if not loaded:
                 continue
             patches = features(np.stack(loaded))
