@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from patchcore_milvus.config import Config
+from patchcore_milvus.config import Config, stage_threads
 from patchcore_milvus.description import ExtractorDescription, ExtractorModel
 from patchcore_milvus.errors import BankMismatchError
 from patchcore_milvus.images import Preprocess
@@ -92,7 +92,7 @@ def _onnx_session(model: bytes, threads: int | None) -> Callable[[np.ndarray], n
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or stage_threads()
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

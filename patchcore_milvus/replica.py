@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from patchcore_milvus.config import stage_threads
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.files import cache_folder, save_atomically
 from patchcore_milvus.milvus import BankStore
@@ -29,7 +30,7 @@ class Replica:
     def __init__(self, index: Any, vectors: np.ndarray):
         self.index = index
         self.vectors = vectors
-        self.exact = ExactSearch(vectors)
+        self.exact = ExactSearch(vectors, stage_threads())
 
     @classmethod
     def build(cls, vectors: np.ndarray, index_type: str, index_params: dict[str, Any]) -> Replica:
@@ -54,6 +55,7 @@ class Replica:
             options = faiss.SearchParametersHNSW(efSearch=max(int(params["ef"]), top_k))
         else:
             options = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]))
+        faiss.omp_set_num_threads(stage_threads())  # for the calling thread; the extractor has the rest
         squared, ids = self.index.search(queries, top_k, params=options)
         distances = np.sqrt(np.maximum(squared, 0.0))
         distances[ids < 0] = np.inf
