@@ -31,8 +31,9 @@ MAX_THREADS = 256  # more extractor threads than this only starve the machine (1
 
 def stage_threads() -> int:
     """Threads for each of the two CPU stages that overlap (extraction beside decoding at ingest,
-    beside the search at a station): half the cores each. On 2 cores, one thread each scored
-    bottle in 63 ms per image against 78 with both stages on both cores (benchmarks/query.py)."""
+    beside the search at a station): half the cores each. On 2 cores a station searching locally
+    scored bottle in 72 ms per image this way, 83 with both stages on all cores; 156 against 171
+    on Milvus Lite (`python benchmarks/threads.py --uri bottle.db`)."""
     return max(1, (os.cpu_count() or 2) // 2)
 
 
