@@ -22,6 +22,8 @@ from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import NORMALIZATION_STATS, load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore
 from patchcore_milvus.scoring import (
+    SETTLE_PER_ROUND,
+    SETTLE_PER_ROUND_IN_PROCESS,
     anomaly_map,
     image_scores,
     reweighting_factor,
@@ -113,8 +115,10 @@ class Bank:
         config: Config,
         search: SearchFunction | None = None,
         precise: SearchFunction | None = None,
+        settle_per_round: int = SETTLE_PER_ROUND,
     ):
         self.store = store
+        self.settle_per_round = settle_per_round
         self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
@@ -172,6 +176,7 @@ class Bank:
             self.config,
             replicas.search,
             replicas.precise,
+            SETTLE_PER_ROUND_IN_PROCESS,
         )
 
     def refresh(self) -> None:
@@ -316,7 +321,11 @@ class Bank:
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
         rechecked = settle_largest(
-            distances, ids, patches, lambda vectors: self.precise(version, vectors, 1, self.recheck_params)
+            distances,
+            ids,
+            patches,
+            lambda vectors: self.precise(version, vectors, 1, self.recheck_params),
+            self.settle_per_round,
         )
         missing = int((ids < 0).sum())
         if missing:

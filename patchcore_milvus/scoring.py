@@ -69,8 +69,10 @@ def anomaly_map(
     return rows @ patch_scores.astype(np.float32) @ columns.T
 
 
-# Patches per image settled in one round of `settle_largest`.
+# Patches per image settled in one round of `settle_largest`: against Milvus, where each round is
+# a call; in-process (a local replica's exact search), where each patch costs a pass over the bank.
 SETTLE_PER_ROUND = 16
+SETTLE_PER_ROUND_IN_PROCESS = 4
 
 
 def settle_largest(
