@@ -306,6 +306,11 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
     show_default=True,
     help="Maps and masks are compared at this square size.",
 )
+@click.option(
+    "--strict-masks",
+    is_flag=True,
+    help="Refuse defect images without a ground-truth mask (by default they count for the image metrics only).",
+)
 @config_options(*SCORING, "progress")
 def evaluate(
     data_root: Path,
@@ -314,6 +319,7 @@ def evaluate(
     search: str,
     report_dir: Path | None,
     pixel_size: int,
+    strict_masks: bool,
     config: Config,
 ) -> None:
     """MVTec AD metrics of banks on DATA_ROOT/<category>/test, as in the PatchCore paper's tables."""
@@ -336,7 +342,9 @@ def evaluate(
     for category in categories:
         banks[category] = Bank.open(category, config, store=store)
         evaluations.append(
-            evaluate_category(banks[category], category, data_root / category, search, pixel_size, config.progress)
+            evaluate_category(
+                banks[category], category, data_root / category, search, pixel_size, config.progress, strict_masks
+            )
         )
     report = summary(evaluations)
     click.echo("\n".join([*table_lines(report), "", *detail_lines(report)]))

@@ -74,22 +74,25 @@ def _thin(x: np.ndarray, y: np.ndarray, points: int = 2000) -> tuple[list[float]
 
 def set_metrics(
     images: list[LabelledImage],
-    truth: list[np.ndarray],
+    truth: list[np.ndarray | None],
     scored: ScoredSet,
     image_threshold: float | None,
     pixel_threshold: float | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics for report.json, curves for the pictures)."""
+    """(metrics for report.json, curves for the pictures).
+
+    `truth`: each image's mask, None for a defect image labelled without one. The pixel metrics
+    use the images with a mask (and the good ones); with no defect mask at all they are None."""
     labels = np.array([i.defect != GOOD for i in images])
-    pixel_labels = np.concatenate([t.ravel() for t in truth])
-    pixel_scores = np.concatenate([m.ravel() for m in scored.maps])
     image_fpr, image_tpr, _ = roc_curve(labels, scored.scores)
-    pixel_fpr, pixel_tpr, _ = roc_curve(pixel_labels, pixel_scores)
-    pro_fpr, pro = pro_curve(truth, scored.maps)
+    masked = [k for k, t in enumerate(truth) if t is not None]
+    pixel_truth = [t for t in truth if t is not None]
+    pixel_maps = [scored.maps[k] for k in masked]
+    has_pixel_metrics = any(labels[k] for k in masked)
     metrics: dict[str, Any] = {
         "image_auroc": auroc(labels, scored.scores),
-        "pixel_auroc": float(np.trapezoid(pixel_tpr, pixel_fpr)),
-        "aupro": aupro(truth, scored.maps, 0.3),
+        "pixel_auroc": None,
+        "aupro": None,
         "image_auroc_per_defect": {
             defect: auroc(labels[mask], scored.scores[mask])
             for defect in sorted({i.defect for i in images} - {GOOD})
@@ -105,22 +108,39 @@ def set_metrics(
             "false_positives": int((predicted & ~labels).sum()),
             "false_negatives": int((~predicted & labels).sum()),
         }
-    if pixel_threshold is not None:
-        pixel_f1, pixel_iou = f1_iou(pixel_scores > pixel_threshold, pixel_labels)
-        metrics.setdefault("at_threshold", {}).update(
-            {"pixel_threshold": pixel_threshold, "pixel_f1": pixel_f1, "pixel_iou": pixel_iou}
-        )
+    curves = {"image_roc": _thin(image_fpr, image_tpr)}
+    if has_pixel_metrics:
+        pixel_labels = np.concatenate([t.ravel() for t in pixel_truth])
+        pixel_scores = np.concatenate([m.ravel() for m in pixel_maps])
+        pixel_fpr, pixel_tpr, _ = roc_curve(pixel_labels, pixel_scores)
+        pro_fpr, pro = pro_curve(pixel_truth, pixel_maps)
+        metrics["pixel_auroc"] = float(np.trapezoid(pixel_tpr, pixel_fpr))
+        metrics["aupro"] = aupro(pixel_truth, pixel_maps, 0.3)
+        curves.update({"pixel_roc": _thin(pixel_fpr, pixel_tpr), "pro": _thin(pro_fpr, pro)})
+        if pixel_threshold is not None:
+            pixel_f1, pixel_iou = f1_iou(pixel_scores > pixel_threshold, pixel_labels)
+            metrics.setdefault("at_threshold", {}).update(
+                {"pixel_threshold": pixel_threshold, "pixel_f1": pixel_f1, "pixel_iou": pixel_iou}
+            )
     metrics["time_ms"] = {
         stage: {"median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
         for stage, v in scored.timings_ms.items()
     }
     metrics["images_per_second"] = len(images) / scored.seconds
-    curves = {
-        "image_roc": _thin(image_fpr, image_tpr),
-        "pixel_roc": _thin(pixel_fpr, pixel_tpr),
-        "pro": _thin(pro_fpr, pro),
-    }
     return metrics, curves
+
+
+def mask_coverage(images: list[LabelledImage], category_root: Path) -> dict[str, Any]:
+    """How many defect images have a ground-truth mask, and what that means for the pixel metrics."""
+    defects = [i for i in images if i.defect != GOOD]
+    masked = sum(i.mask_path is not None for i in defects)
+    if masked == 0:
+        note = f"pixel metrics not available: no defect image has a mask under {category_root / 'ground_truth'}"
+    elif masked < len(defects):
+        note = f"pixel metrics on the {masked} of {len(defects)} defect images that have a mask (and the good ones)"
+    else:
+        note = None
+    return {"defect_images": len(defects), "with_mask": masked, "note": note}
 
 
 def patch_recall_at_1(approximate: ScoredSet, exact: ScoredSet) -> float:
@@ -148,10 +168,18 @@ class CategoryEvaluation:
 
 
 def evaluate_category(
-    bank: Bank, category: str, category_root: Path, search: str, pixel_size: int, progress: bool
+    bank: Bank,
+    category: str,
+    category_root: Path,
+    search: str,
+    pixel_size: int,
+    progress: bool,
+    strict_masks: bool = False,
 ) -> CategoryEvaluation:
-    """`search`: "milvus", "local", "exact", "both" (Milvus and exact) or "all"."""
-    images = labelled_test_images(category_root)
+    """`search`: "milvus", "local", "exact", "both" (Milvus and exact) or "all". `strict_masks`:
+    refuse defect images without a ground-truth mask instead of leaving them out of the pixel
+    metrics."""
+    images = labelled_test_images(category_root, strict_masks)
     truth = [ground_truth(i, pixel_size) for i in images]
     methods: dict[str, Bank] = {}
     if search in ("milvus", "both", "all"):
@@ -167,6 +195,7 @@ def evaluate_category(
         "test_images": len(images),
         "defect_types": sorted({i.defect for i in images} - {GOOD}),
         "pixel_size": pixel_size,
+        "masks": mask_coverage(images, category_root),
         "bank": {
             "collection": bank.version,
             "vectors": description.coreset.size,
@@ -187,6 +216,10 @@ def evaluate_category(
             ours, exact = report["search"][method], report["search"]["exact"]
             report[key] = {
                 "patch_recall_at_1": patch_recall_at_1(scored[method], scored["exact"]),
-                **{f"{k}_difference": ours[k] - exact[k] for k in HEADLINE_METRICS},
+                **{f"{k}_difference": _difference(ours[k], exact[k]) for k in HEADLINE_METRICS},
             }
     return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})
+
+
+def _difference(ours: float | None, exact: float | None) -> float | None:
+    return None if ours is None or exact is None else ours - exact

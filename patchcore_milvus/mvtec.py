@@ -36,28 +36,44 @@ def train_folder(data_root: Path, category: str) -> Path:
 class LabelledImage:
     path: Path
     defect: str  # "good" or the defect type (the folder name)
-    mask_path: Path | None
+    mask_path: Path | None  # None for good images, and for defect images labelled without a mask
+
+    @property
+    def has_truth(self) -> bool:
+        """Whether its pixels are labelled: a good image's are all good; a defect image needs a mask."""
+        return self.defect == GOOD or self.mask_path is not None
 
 
-def labelled_test_images(category_root: Path) -> list[LabelledImage]:
-    """`<category>/test/<defect>/*.png` with masks at `<category>/ground_truth/<defect>/<name>_mask.png`."""
+def labelled_test_images(category_root: Path, strict_masks: bool = False) -> list[LabelledImage]:
+    """`<category>/test/<defect>/*.png` with masks at `<category>/ground_truth/<defect>/<name>_mask.png`.
+
+    A defect image without a mask is labelled by its folder alone (most factories never draw
+    masks); `strict_masks` refuses it instead."""
     test_root = category_root / "test"
     if not test_root.is_dir():
         raise ImageError(f"{test_root} does not exist: expected the MVTec AD layout <category>/test/<defect>/")
     images = []
     for folder in sorted(p for p in test_root.iterdir() if p.is_dir()):
         for path in list_images(folder):
-            mask = category_root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
-            if folder.name != GOOD and not mask.exists():
-                raise ImageError(f"{path} has no ground-truth mask at {mask}")
-            images.append(LabelledImage(path, folder.name, mask if folder.name != GOOD else None))
+            mask: Path | None = category_root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+            if folder.name == GOOD or not mask.exists():
+                if strict_masks and folder.name != GOOD:
+                    raise ImageError(
+                        f"{path} has no ground-truth mask at {mask} (without --strict-masks, defect images "
+                        "without masks count for the image metrics only)"
+                    )
+                mask = None
+            images.append(LabelledImage(path, folder.name, mask))
     if not images or all(i.defect == GOOD for i in images) or all(i.defect != GOOD for i in images):
         raise ImageError(f"{test_root} needs both good/ and defect folders with images")
     return images
 
 
-def ground_truth(image: LabelledImage, size: int) -> np.ndarray:
-    """The image's defect mask as booleans, resized to `size` x `size` (all False for a good image)."""
+def ground_truth(image: LabelledImage, size: int) -> np.ndarray | None:
+    """The image's defect mask as booleans, resized to `size` x `size` (all False for a good image;
+    None for a defect image without a mask)."""
+    if not image.has_truth:
+        return None
     if image.mask_path is None:
         return np.zeros((size, size), dtype=bool)
     with Image.open(image.mask_path) as mask:

@@ -27,15 +27,23 @@ def summary(evaluations: list[CategoryEvaluation]) -> dict[str, Any]:
     mean: dict[str, Any] = {}
     for method in methods:
         rows = [e.report["search"][method] for e in evaluations if method in e.report["search"]]
-        mean[method] = {k: float(np.mean([r[k] for r in rows])) for k in HEADLINE_METRICS}
+        mean[method] = {k: _mean([r[k] for r in rows]) for k in HEADLINE_METRICS}
         at = [r["at_threshold"] for r in rows if "at_threshold" in r]
-        mean[method].update({k: float(np.mean([a[k] for a in at])) for k in THRESHOLD_KEYS if at and k in at[0]})
+        for key in THRESHOLD_KEYS:
+            if any(key in a for a in at):
+                mean[method][key] = _mean([a.get(key) for a in at])
     return {
         "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "categories": categories,
         "mean": mean,
     }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Over the categories that have the metric (pixel metrics need masks); None if none has."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def table_lines(report: dict[str, Any]) -> list[str]:
@@ -77,6 +85,8 @@ def detail_lines(report: dict[str, Any]) -> list[str]:
     category and search."""
     lines = []
     for category, entry in report["categories"].items():
+        if entry["masks"]["note"]:
+            lines.append(f"{category}: {entry['masks']['note']}")
         for method, m in entry["search"].items():
             defects = ", ".join(f"{d} {_fmt(v)}" for d, v in m["image_auroc_per_defect"].items())
             stages = ", ".join(f"{s} {t['median']:.0f}" for s, t in m["time_ms"].items())
@@ -92,25 +102,28 @@ def _row(
         label,
         method,
         f"{m['image_auroc']:.4f}",
-        f"{m['pixel_auroc']:.4f}",
-        f"{m['aupro']:.4f}",
+        _fmt(m["pixel_auroc"], NOT_AVAILABLE),
+        _fmt(m["aupro"], NOT_AVAILABLE),
         _fmt(at.get("image_f1")),
         _fmt(at.get("accuracy")),
         *counts,
-        _fmt(at.get("pixel_f1")),
-        _fmt(at.get("pixel_iou")),
+        _fmt(at.get("pixel_f1"), "-" if m["pixel_auroc"] is not None else NOT_AVAILABLE),
+        _fmt(at.get("pixel_iou"), "-" if m["pixel_auroc"] is not None else NOT_AVAILABLE),
         ms,
         recall,
     ]
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+NOT_AVAILABLE = "n/a"  # a pixel metric of a category without ground-truth masks
 
 
-def _signed(value: float) -> str:
+def _fmt(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.4f}"
+
+
+def _signed(value: float | None) -> str:
     """+0.0012 / -0.0012, and +0.0000 for anything that rounds to zero (never -0.0000)."""
-    return f"{round(value, 4) + 0.0:+.4f}"
+    return NOT_AVAILABLE if value is None else f"{round(value, 4) + 0.0:+.4f}"
 
 
 def _tidy(value: Any) -> Any:
@@ -159,6 +172,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{entry['pixel_size']} x {entry['pixel_size']} maps.",
             "",
         ]
+        if entry["masks"]["note"]:
+            lines += [f"Note: {entry['masks']['note']}.", ""]
         for method, m in entry["search"].items():
             per_defect = ", ".join(f"{d} {v:.4f}" for d, v in m["image_auroc_per_defect"].items())
             stages = ", ".join(f"{s} {t['median']:.0f} (p95 {t['p95']:.0f})" for s, t in m["time_ms"].items())
@@ -188,7 +203,11 @@ def plot_curves(evaluation: CategoryEvaluation, target: Path) -> Path:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     titles = {"image_roc": "image ROC", "pixel_roc": "pixel ROC", "pro": "PRO (AUPRO up to FPR 0.3)"}
     for axis, (key, title) in zip(axes, titles.items()):
+        if all(key not in curves for curves in evaluation.curves.values()):
+            axis.text(0.5, 0.5, "not available:\nno ground-truth masks", ha="center", va="center", fontsize=14)
         for method, curves in evaluation.curves.items():
+            if key not in curves:
+                continue
             x, y = curves[key]
             metric = evaluation.report["search"][method]
             value = {
@@ -197,6 +216,8 @@ def plot_curves(evaluation: CategoryEvaluation, target: Path) -> Path:
                 "pro": metric["aupro"],
             }[key]
             axis.plot(x, y, label=f"{method} ({value:.4f})", linestyle="-" if method == "milvus" else "--")
+        if axis.lines:
+            axis.legend(loc="lower right")
         if key == "pro":
             axis.axvline(0.3, color="grey", linewidth=0.8)
             axis.set_ylabel("per-region overlap")
@@ -206,7 +227,6 @@ def plot_curves(evaluation: CategoryEvaluation, target: Path) -> Path:
         axis.set_title(f"{evaluation.category}: {title}")
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1.02)
-        axis.legend(loc="lower right")
     figure.tight_layout()
     save_atomically(target, lambda p: figure.savefig(p, format="png", dpi=90))
     plt.close(figure)

@@ -1,6 +1,7 @@
 """`evaluate` on a small synthetic data set in the MVTec AD layout, against a real Milvus Lite file."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,5 +109,64 @@ def test_wrong_layout_is_explained(tmp_path: Path):
         labelled_test_images(tmp_path)
     (tmp_path / "test" / "crack").mkdir(parents=True)
     textured_image(0).save(tmp_path / "test" / "crack" / "000.png")
-    with pytest.raises(ImageError, match="has no ground-truth mask"):
+    with pytest.raises(ImageError, match=r"has no ground-truth mask .* \(without --strict-masks"):
+        labelled_test_images(tmp_path, strict_masks=True)
+    with pytest.raises(ImageError, match="needs both good/ and defect folders"):
         labelled_test_images(tmp_path)
+
+
+def _ingest_texture(mvtec_like: Path, db: str) -> None:
+    args = ["ingest", str(mvtec_like), "--category", "texture", "--uri", db, "--coreset-ratio", "0.25", *FAST]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+
+def _evaluate_report(mvtec_like: Path, db: str, out: Path, *flags: str):
+    args = ["evaluate", str(mvtec_like), "--category", "texture", "--uri", db, "--report", str(out), *flags, *FAST]
+    return CliRunner().invoke(main, args)
+
+
+def test_evaluate_without_masks_reports_the_image_metrics_and_marks_the_pixel_ones(mvtec_like: Path, tmp_path: Path):
+    db = str(tmp_path / "eval.db")
+    _ingest_texture(mvtec_like, db)
+    with_masks = _evaluate_report(mvtec_like, db, tmp_path / "full")
+    assert with_masks.exit_code == 0, with_masks.output
+    full = json.loads((tmp_path / "full" / "report.json").read_text())["categories"]["texture"]
+    assert full["masks"] == {"defect_images": 4, "with_mask": 4, "note": None}
+
+    shutil.rmtree(mvtec_like / "texture" / "ground_truth")
+    result = _evaluate_report(mvtec_like, db, tmp_path / "labels")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pixel metrics not available: no defect image has a mask") == 1
+    milvus_row = result.output.splitlines()[1].split()
+    assert milvus_row[:5] == ["texture", "milvus", f"{full['search']['milvus']['image_auroc']:.4f}", "n/a", "n/a"]
+    text = (tmp_path / "labels" / "report.json").read_text()
+    assert "NaN" not in text
+    entry = json.loads(text)["categories"]["texture"]
+    for method in ("milvus", "exact"):
+        ours, theirs = entry["search"][method], full["search"][method]
+        assert ours["image_auroc"] == theirs["image_auroc"]
+        assert ours["image_auroc_per_defect"] == theirs["image_auroc_per_defect"]
+        assert ours["pixel_auroc"] is None and ours["aupro"] is None
+        assert "pixel_f1" not in ours["at_threshold"] and ours["at_threshold"]["accuracy"] is not None
+    assert entry["ann_vs_exact"]["pixel_auroc_difference"] is None
+    assert entry["masks"]["with_mask"] == 0
+    assert "Note: pixel metrics not available" in (tmp_path / "labels" / "report.md").read_text()
+    for picture in ("texture_curves.png", "texture_worst.png"):
+        assert Image.open(tmp_path / "labels" / picture).width > 500
+
+    refused = _evaluate_report(mvtec_like, db, tmp_path / "strict", "--strict-masks")
+    assert refused.exit_code == 2 and "has no ground-truth mask" in refused.output
+
+
+def test_evaluate_with_some_masks_uses_those_for_the_pixel_metrics(mvtec_like: Path, tmp_path: Path):
+    db = str(tmp_path / "eval.db")
+    _ingest_texture(mvtec_like, db)
+    for name in ("000_mask.png", "001_mask.png"):
+        (mvtec_like / "texture" / "ground_truth" / "blob" / name).unlink()
+    result = _evaluate_report(mvtec_like, db, tmp_path / "some")
+    assert result.exit_code == 0, result.output
+    assert "pixel metrics on the 2 of 4 defect images that have a mask" in result.output
+    entry = json.loads((tmp_path / "some" / "report.json").read_text())["categories"]["texture"]
+    assert entry["masks"]["with_mask"] == 2 and entry["test_images"] == 8
+    assert entry["search"]["milvus"]["pixel_auroc"] > 0.8 and 0 < entry["search"]["milvus"]["aupro"] <= 1

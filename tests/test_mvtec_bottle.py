@@ -83,3 +83,21 @@ def test_evaluate_reports_literature_metrics_and_ann_vs_exact(bottle_bank: tuple
     assert abs(entry["ann_vs_exact"]["image_auroc_difference"]) <= 0.002
     assert abs(entry["ann_vs_exact"]["pixel_auroc_difference"]) <= 0.002
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "bottle_curves.png", "bottle_worst.png"}
+
+
+def test_evaluate_on_labels_alone_gives_the_image_auroc_of_the_full_run(
+    bottle_bank: tuple[Path, Config], tmp_path: Path
+):
+    from patchcore_milvus.evaluate import evaluate_category
+
+    root, config = bottle_bank
+    labels_only = tmp_path / "bottle"
+    labels_only.mkdir()
+    (labels_only / "test").symlink_to(root / "test")  # the same test images, no ground_truth/
+    bank = Bank.open("bottle", config)
+    full = evaluate_category(bank, "bottle", root, "milvus", 256, progress=False).report
+    ours = evaluate_category(bank, "bottle", labels_only, "milvus", 256, progress=False).report
+    assert ours["search"]["milvus"]["image_auroc"] == full["search"]["milvus"]["image_auroc"]
+    assert ours["search"]["milvus"]["at_threshold"]["accuracy"] == full["search"]["milvus"]["at_threshold"]["accuracy"]
+    assert ours["search"]["milvus"]["pixel_auroc"] is None and full["search"]["milvus"]["pixel_auroc"] > 0.97
+    assert ours["masks"] == {"defect_images": 63, "with_mask": 0, "note": ours["masks"]["note"]}
