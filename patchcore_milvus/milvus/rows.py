@@ -248,7 +248,22 @@ _CHUNKS_PER_READ = 256
 
 def _read_text(connection: Connection, collection: str, partition: str, first_id: int) -> str | None:
     """The text `_write_text` stored from `first_id` down, None if there is none; ValueError if a
-    chunk is missing. Read in ranges of ids, so that a large model never makes one huge answer."""
+    chunk is missing.
+
+    Read first at Bounded consistency: a Milvus server answers at once, where a Strong read waits
+    for its next time tick. A text is written once and never changed, so a bounded read can only
+    miss it, or some of its chunks (the chunk count shows it), if it was written moments ago; then
+    it is read again at Strong consistency."""
+    try:
+        text = _read_text_at(connection, collection, partition, first_id, "Bounded")
+    except ValueError:
+        text = None
+    return text if text is not None else _read_text_at(connection, collection, partition, first_id, "Strong")
+
+
+def _read_text_at(connection: Connection, collection: str, partition: str, first_id: int, level: str) -> str | None:
+    """`_read_text` at one consistency level, in ranges of ids, so that a large model never makes
+    one huge answer."""
     rows: list[dict[str, Any]] = []
     expected, read = None, 0  # chunks the text has; ids read through so far
     while expected is None or read < expected:
@@ -261,7 +276,7 @@ def _read_text(connection: Connection, collection: str, partition: str, first_id
                 filter=f"id <= {high} and id > {high - _CHUNKS_PER_READ}",
                 output_fields=[DESCRIPTION_FIELD, "patch_y"],
                 partition_names=[partition],
-                consistency_level="Strong",
+                consistency_level=level,
                 timeout=t,
             ),
         )
