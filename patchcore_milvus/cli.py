@@ -215,20 +215,37 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, appen
     else:
         root = images_dir
     images = list_images(images_dir)
+    _say_left_out(images_dir, recursive=False)
     if not images:
         raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
     summary = (append_to_bank if append else fit_bank)(category, images, config, root=root)
     click.echo("\n".join(summary.lines()))
 
 
+def _printable(path: Path) -> str:
+    """A path on one line: a newline or another control character in a file name is escaped."""
+    text = str(path)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _say_left_out(folder: Path, recursive: bool) -> None:
+    from patchcore_milvus.images import left_out
+
+    message = left_out(folder, recursive)
+    if message:
+        click.secho(message, fg="yellow", err=True)
+
+
 def _expand(inputs: tuple[Path, ...]) -> list[Path]:
-    """Files as given, folders searched recursively (sorted)."""
+    """Files as given, folders searched recursively (sorted); what a folder holds besides images is
+    said on stderr."""
     from patchcore_milvus.images import IMAGE_SUFFIXES, list_images
 
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
             found = list_images(item, recursive=True)
+            _say_left_out(item, recursive=True)
             if not found:
                 raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {item}")
             paths.extend(found)
@@ -273,7 +290,7 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
         else:
             threshold = "none" if result.image_threshold is None else f"{result.image_threshold:.3f}"
             click.echo(
-                f"{path}  score {result.image_score:.3f}  threshold {threshold}  "
+                f"{_printable(path)}  score {result.image_score:.3f}  threshold {threshold}  "
                 f"{result.verdict or '-'}  {sum(result.timings_ms.values()):.0f} ms"
             )
     if failed:

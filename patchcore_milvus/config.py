@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,7 +243,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of option: value")
-    return data
+    return {key: _exponent_number(key, value) for key, value in data.items()}
+
+
+# YAML 1.1 (PyYAML) reads 1.0e9 or 1e-3 as text: it wants a sign in the exponent and a dot.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_number(key: Any, value: Any) -> Any:
+    """A float option written in exponent notation that YAML left as text, as the number meant."""
+    hints = typing.get_type_hints(Config)
+    numeric = isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) is not None
+    if numeric and key in hints and _accepts(1.5, hints[key]):
+        return float(value)
+    return value
 
 
 def _accepts(value: Any, annotation: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,25 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def left_out(folder: Path, recursive: bool = False) -> str | None:
+    """What `list_images(folder, recursive)` leaves out, counted by reason, or None if nothing:
+    so that a folder given as input never loses files in silence."""
+    reasons: Counter[str] = Counter()
+    for entry in folder.rglob("*") if recursive else folder.iterdir():
+        if entry.is_symlink() and not entry.exists():
+            reasons["broken or looping symbolic links"] += 1
+        elif entry.is_dir():
+            if not recursive:
+                reasons["subfolders (not searched)"] += 1
+        elif not entry.is_file():
+            reasons["entries that are not regular files"] += 1
+        elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+            reasons[f"{entry.suffix.lower() or 'suffix-less'} files (not {', '.join(IMAGE_SUFFIXES)})"] += 1
+    if not reasons:
+        return None
+    return f"left out of {folder}: " + "; ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+
+
 # Fewer pixels than this on a side carry less detail than the patch grid of a 256 px input (32).
 MIN_SIDE = 32
 
@@ -46,19 +66,28 @@ def load_rgb(path: Path) -> Image.Image:
             width, height = opened.size
             if min(width, height) < MIN_SIDE:
                 raise ImageError(f"{path}: {width}x{height} pixels is too small (at least {MIN_SIDE} on each side)")
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:
+                raise ImageError(
+                    f"{path}: holds {frames} frames (an animation or a multi-page file); only single images "
+                    "are scored: save the frame you mean as its own file"
+                )
             image = ImageOps.exif_transpose(opened)
             image.load()
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: refused, too large to decode safely ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from exc
-    return _to_rgb(image)
+    return _to_rgb(image, path)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float grey: stretch the value range to 8 bits instead of clipping it.
         values = np.asarray(image, dtype=np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:  # one NaN would make the whole stretched image black
+            raise ImageError(f"{path}: {bad} pixels are not finite numbers (NaN or infinity)")
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
         image = Image.fromarray(scaled.round().astype(np.uint8))

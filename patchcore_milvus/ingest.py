@@ -167,10 +167,12 @@ def extract_patches(
     folder: Path,
     progress: bool,
     strict: bool = False,
+    held_out: int = 0,
 ) -> PatchSet:
     """Features of every patch of `paths`, appended to `folder/patches.f32` batch by batch.
 
     A file that is not a usable image is skipped, its reason kept in `skipped` (`strict`: raised).
+    `held_out`: how many more images the caller set aside, for the message when none is usable.
     Plain file writes, not a writable memory map: written pages stay in the page cache, which
     the kernel can drop, instead of in the process' resident memory.
     """
@@ -222,7 +224,9 @@ def extract_patches(
             image = np.repeat(np.array(indices), h * w)
             positions.append(np.column_stack([image, np.tile(grid, (n, 1))]).astype(np.int32))
     if rows == 0:
-        raise ImageError(f"none of the {len(paths)} images could be used:\n  " + "\n  ".join(skipped))
+        aside = f" ({held_out} more set aside for the thresholds)" if held_out else ""
+        reasons = "\n  ".join(skipped)
+        raise ImageError(f"none of the {len(paths)} images for the bank could be used{aside}:\n  {reasons}")
     return PatchSet(
         full=np.memmap(target, dtype=np.float32, mode="r", shape=(rows, features.dim)),
         projected=projected[:rows],
@@ -337,6 +341,7 @@ def _ingest(
             Path(work),
             config.progress,
             config.strict,
+            held_out=len(held_idx),
         )
         seconds["features"] = time.perf_counter() - t
         t = time.perf_counter()

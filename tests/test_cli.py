@@ -138,6 +138,27 @@ def test_query_text_lines_and_a_bad_file(ingested: str, tmp_path: Path):
     assert "1 of 2 files could not be scored" in result.output
 
 
+def test_query_says_what_a_folder_left_out_and_keeps_each_result_on_one_line(ingested: str, tmp_path: Path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    textured_image(100).save(folder / "line\nbreak.png")
+    textured_image(101).save(folder / "animation.gif")
+    (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(folder / "camera.png")
+    result = query(ingested, str(folder))
+    assert result.exit_code == 0, result.output
+    assert f"left out of {folder}: 1 .gif files (not .png" in result.output
+    assert "1 broken or looping symbolic links" in result.output
+    assert "1 entries that are not regular files" in result.output
+    [line] = [line for line in result.output.splitlines() if "score" in line]
+    assert line.startswith(str(folder / "line\\nbreak.png")), line
+
+
+def test_gc_refuses_a_name_that_cannot_be_a_category(ingested: str):
+    result = CliRunner().invoke(main, ["gc", "--category", "../x", "--uri", ingested])
+    assert result.exit_code == 2 and "invalid category name '../x'" in result.output, result.output
+
+
 def test_collections_and_drop(ingested: str):
     listing = CliRunner().invoke(main, ["collections", "--uri", ingested])
     assert listing.exit_code == 0
@@ -274,4 +295,5 @@ def test_ingest_skips_unusable_files_says_why_and_strict_stops(good_folder: Path
     (bad_only / "b.png").write_bytes(b"")
     settings[settings.index(str(good_folder))] = str(bad_only)
     nothing = CliRunner().invoke(main, ["ingest", *settings])
-    assert nothing.exit_code == 2 and "none of the" in nothing.output
+    assert nothing.exit_code == 2, nothing.output
+    assert "none of the 1 images for the bank could be used (1 more set aside" in nothing.output

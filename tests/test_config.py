@@ -105,6 +105,16 @@ def test_tls_options_map_to_pymilvus():
         Config(tls_ca_cert="ca.pem", tls_client_cert="client.pem")
 
 
+def test_exponent_numbers_yaml_reads_as_text_are_numbers_where_a_number_is_meant(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("milvus_timeout: 1.0e2\nimage_threshold: 2e1\n")
+    config = load_config(path)
+    assert config.milvus_timeout == 100.0 and config.image_threshold == 20.0
+    path.write_text("seed: 1e3\n")
+    with pytest.raises(ConfigError, match="seed must be int"):
+        load_config(path)
+
+
 def test_yaml_that_is_not_a_mapping_is_refused(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("- a\n- b\n")

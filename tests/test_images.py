@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from patchcore_milvus.errors import ImageError
-from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, list_images, load_rgb
+from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, left_out, list_images, load_rgb
 
 
 def save(tmp_path: Path, image: Image.Image, name: str) -> Path:
@@ -142,3 +142,37 @@ def test_fuzzed_bytes_give_an_image_or_the_clear_error_never_a_crash(tmp_path: P
         assert str(error).startswith(f"{path}: ")
     else:
         assert image.mode == "RGB" and min(image.size) >= 32
+
+
+def test_a_multi_frame_file_is_refused_not_cut_to_its_first_frame(tmp_path: Path):
+    frames = [Image.new("RGB", (40, 40), (k * 80, 0, 0)) for k in range(3)]
+    path = tmp_path / "stack.tif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageError, match="holds 3 frames"):
+        load_rgb(path)
+
+
+def test_a_float_image_with_nan_pixels_is_refused_not_made_black(tmp_path: Path):
+    values = np.linspace(0, 1, 40 * 40, dtype=np.float32).reshape(40, 40)
+    values[3, 4] = np.nan
+    path = save(tmp_path, Image.fromarray(values, mode="F"), "float.tif")
+    with pytest.raises(ImageError, match="1 pixels are not finite"):
+        load_rgb(path)
+
+
+def test_left_out_names_each_kind_of_entry_a_folder_listing_skips(tmp_path: Path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "b.gif")
+    (tmp_path / "notes").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    assert list_images(tmp_path) == [tmp_path / "a.png"]
+    message = left_out(tmp_path)
+    assert message is not None and message.startswith(f"left out of {tmp_path}: ")
+    for part in ("1 .gif files", "1 suffix-less files", "1 subfolders (not searched)", "1 broken or looping"):
+        assert part in message
+    assert "subfolders" not in (left_out(tmp_path, recursive=True) or "")
+    (tmp_path / "b.gif").unlink()
+    (tmp_path / "notes").unlink()
+    (tmp_path / "loop.png").unlink()
+    assert left_out(tmp_path, recursive=True) is None

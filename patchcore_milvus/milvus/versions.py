@@ -278,6 +278,8 @@ class BankStore:
     def leftovers(self, category: str | None = None) -> list[str]:
         """Versions without a description (interrupted ingests, or one still being built), never
         a current one; of one category or all."""
+        if category is not None:
+            validate_category(category)
         found = []
         current: dict[str, str | None] = {}
         for name in self._collections():
