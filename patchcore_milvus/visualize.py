@@ -38,7 +38,9 @@ def display_range(inspection: Inspection) -> tuple[float, float]:
 
 def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Image:
     """Original | overlay side by side, under a caption (`title`, default the file name) with
-    score, threshold and verdict; each panel at most PANEL_SIDE pixels on its longer side."""
+    score, both thresholds and verdict, and a line with the colour bar (its fixed scale, the
+    pixel threshold marked) and what the outline means; each panel at most PANEL_SIDE pixels on
+    its longer side."""
     image, amap, mask = inspection.image, inspection.anomaly_map, inspection.mask
     scale = PANEL_SIDE / max(image.size)
     if scale < 1:
@@ -51,7 +53,8 @@ def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Im
     normalised = (amap - low) / max(high - low, 1e-12)
     heat = Image.fromarray(heat_colors(normalised))
     overlay = Image.blend(image, heat, 0.45)
-    if mask is not None and mask.any():
+    outlined = mask is not None and bool(mask.any())
+    if outlined:
         width = max(1, image.width // 300)
         region = Image.fromarray(mask.astype(np.uint8) * 255)
         edge = np.asarray(region.filter(ImageFilter.MaxFilter(2 * width + 1))) != np.asarray(
@@ -61,19 +64,57 @@ def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Im
         pixels[edge] = OUTLINE_COLOR
         overlay = Image.fromarray(pixels)
     font_size = max(14, image.width // 35)
-    caption_height = int(font_size * 1.8)
-    figure = Image.new("RGB", (2 * image.width, image.height + caption_height), "white")
-    figure.paste(image, (0, caption_height))
-    figure.paste(overlay, (image.width, caption_height))
+    font = ImageFont.load_default(size=font_size)
+    line = int(font_size * 1.8)
+    figure = Image.new("RGB", (2 * image.width, image.height + 2 * line), "white")
+    figure.paste(image, (0, 2 * line))
+    figure.paste(overlay, (image.width, 2 * line))
+    draw = ImageDraw.Draw(figure)
     verdict = inspection.verdict or "no threshold"
-    threshold = "none" if inspection.image_threshold is None else f"{inspection.image_threshold:.2f}"
     name = title or Path(inspection.path).name
-    text = f"{name}   score {inspection.image_score:.2f} / threshold {threshold}   {verdict}"
-    color = DEFECT_COLOR if verdict == "DEFECT" else OK_COLOR if verdict == "OK" else (0, 0, 0)
-    ImageDraw.Draw(figure).text(
-        (font_size // 2, font_size // 3), text, fill=color, font=ImageFont.load_default(size=font_size)
+    text = (
+        f"{name}   score {inspection.image_score:.2f} / image threshold {_number(inspection.image_threshold)}"
+        f"   {verdict}   (pixel threshold {_number(inspection.pixel_threshold)})"
     )
+    color = DEFECT_COLOR if verdict == "DEFECT" else OK_COLOR if verdict == "OK" else (0, 0, 0)
+    draw.text((font_size // 2, font_size // 3), text, fill=color, font=font)
+    _legend(draw, figure, inspection, (low, high), outlined, line, font)
     return figure
+
+
+def _legend(
+    draw: ImageDraw.ImageDraw,
+    figure: Image.Image,
+    inspection: Inspection,
+    scale: tuple[float, float],
+    outlined: bool,
+    line: int,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+) -> None:
+    """The second caption line: over the original, what the outline means; over the overlay, the
+    colour bar from `scale`'s low to high end, with the pixel threshold marked."""
+    half, size = figure.width // 2, int(font.size)
+    top = line + size // 3
+    if outlined:
+        draw.rectangle((size // 2, top, size // 2 + size, top + size), outline=OUTLINE_COLOR, width=max(2, size // 6))
+        draw.text((2 * size, top), "outline: map above the pixel threshold", fill=(0, 0, 0), font=font)
+    elif inspection.verdict == "OK":
+        draw.text((size // 2, top), "OK: no region outlined", fill=OK_COLOR, font=font)
+    low, high = scale
+    bar_left, bar_width = half + size // 2 + 3 * size, max(8, half // 2)
+    bar = heat_colors(np.linspace(0.0, 1.0, bar_width))[None].repeat(size, axis=0)
+    figure.paste(Image.fromarray(bar), (bar_left, top))
+    draw.text((half + size // 2, top), f"{low:.1f}", fill=(0, 0, 0), font=font)
+    marked = inspection.pixel_threshold is not None  # the scale is centred on it (display_range)
+    right = f"{high:.1f}   | pixel threshold" if marked else f"{high:.1f}"
+    draw.text((bar_left + bar_width + size // 2, top), right, fill=(0, 0, 0), font=font)
+    if marked:
+        middle = bar_left + bar_width // 2
+        draw.line((middle, top - size // 4, middle, top + size + size // 4), fill=(0, 0, 0), width=max(2, size // 8))
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}"
 
 
 def output_stems(paths: list[Path]) -> list[str]:

@@ -76,7 +76,7 @@ def test_a_large_image_is_drawn_at_a_bounded_size_with_its_defect_outlined(tmp_p
     amap[1000:1400, 2000:2600] = 10.0  # one defect region above the pixel threshold
     inspection = inspection_of(amap, 12.0, 5.0, 5.0, "big.png")
     figure = overlay_figure(inspection)
-    assert max(figure.width // 2, figure.height) <= PANEL_SIDE + 100  # the caption adds a strip
+    assert max(figure.width // 2, figure.height) <= PANEL_SIDE + 200  # the caption and the colour bar add a strip
     overlay = np.asarray(figure)[-PANEL_SIDE * height // width :, figure.width // 2 :]
     assert (overlay == OUTLINE_COLOR).all(axis=-1).any()
     written = write_outputs(tmp_path, "big", inspection)
@@ -98,3 +98,17 @@ def test_an_ok_verdict_never_comes_with_an_outlined_defect():
     assert not (np.asarray(overlay_figure(inspection)) == OUTLINE_COLOR).all(axis=-1).any()
     inspection.image_score = 7.0
     assert inspection.verdict == "DEFECT" and inspection.mask.sum() == 100
+
+
+def test_the_overlay_carries_its_colour_bar_and_says_what_the_outline_means():
+    import numpy as np
+
+    from patchcore_milvus.visualize import OUTLINE_COLOR, heat_colors, overlay_figure
+
+    amap = np.zeros((400, 400), dtype=np.float32)
+    amap[100:200, 100:200] = 9.0
+    figure = np.asarray(overlay_figure(inspection_of(amap, 12.0, 5.0, 6.0, "part.png")))
+    header = figure[: figure.shape[0] - 400]  # above the two panels
+    for end in (heat_colors(np.array(0.0)), heat_colors(np.array(1.0))):  # both ends of the scale
+        assert (header == end).all(axis=-1).any()
+    assert (header == OUTLINE_COLOR).all(axis=-1).any()  # the legend's swatch beside its words
