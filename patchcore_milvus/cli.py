@@ -143,6 +143,14 @@ class _Group(click.Group):
         except PatchcoreMilvusError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho(
+                "interrupted: nothing half-done was kept (an unfinished bank version is dropped and the "
+                "previous one serves on; output files already written are complete)",
+                fg="yellow",
+                err=True,
+            )
+            sys.exit(130)
         except OSError as exc:
             if not _is_storage_fault(exc):
                 raise

@@ -154,6 +154,25 @@ def test_query_says_what_a_folder_left_out_and_keeps_each_result_on_one_line(ing
     assert line.startswith(str(folder / "line\\nbreak.png")), line
 
 
+def test_ctrl_c_while_inserting_says_so_drops_the_unfinished_version_and_keeps_the_bank(
+    ingested: str, good_folder: Path, monkeypatch
+):
+    from patchcore_milvus.milvus import BankStore
+
+    before = CliRunner().invoke(main, ["history", "texture", "--uri", ingested]).output
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BankStore, "insert", interrupted)
+    settings = ["--category", "texture", "--images", str(good_folder), "--uri", ingested, "--image-size", "64"]
+    result = CliRunner().invoke(main, ["ingest", *settings, "--no-progress", "--index", "IVF_FLAT"])
+    assert result.exit_code == 130 and "interrupted: nothing half-done was kept" in result.output, result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert CliRunner().invoke(main, ["history", "texture", "--uri", ingested]).output == before
+    assert "no leftovers" in CliRunner().invoke(main, ["gc", "--uri", ingested]).output
+
+
 def test_gc_refuses_a_name_that_cannot_be_a_category(ingested: str):
     result = CliRunner().invoke(main, ["gc", "--category", "../x", "--uri", ingested])
     assert result.exit_code == 2 and "invalid category name '../x'" in result.output, result.output
