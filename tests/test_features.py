@@ -100,6 +100,14 @@ class _Payload:
         return (print, ("pickle executed",))
 
 
+@pytest.mark.parametrize("content", [b"garbage-not-safetensors", b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":1}'])
+def test_a_damaged_safetensors_file_is_a_message_not_a_traceback(tmp_path, content):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(WeightsUnavailableError, match="cannot load weights from"):
+        build_backbone("efficientnet_lite0", weights=str(path))
+
+
 def test_a_weights_file_that_is_a_pickle_of_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": _Payload()}, path)
