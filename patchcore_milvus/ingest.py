@@ -311,11 +311,11 @@ def _ingest(
     validate_category(category)
     if not images:
         raise ImageError(f"no images to {'append to' if append else 'ingest for'} category {category!r}")
+    if not append:  # before Milvus is touched: unusable weights leave no empty bank file behind
+        features = FeaturePipeline.from_config(config)
     store = store or BankStore.from_config(config)
     grown = _Grown.read(store, category) if append else None
-    if grown is None:
-        features = FeaturePipeline.from_config(config)
-    else:  # the grown bank's own extractor
+    if grown is not None:  # the grown bank's own extractor
         features = bank_extractor(store, grown.version, grown.description, config)
         check_extractor(category, grown.description, features)
     root, names = _names(images, root)

@@ -316,3 +316,14 @@ def test_ingest_skips_unusable_files_says_why_and_strict_stops(good_folder: Path
     nothing = CliRunner().invoke(main, ["ingest", *settings])
     assert nothing.exit_code == 2, nothing.output
     assert "none of the 1 images for the bank could be used (1 more set aside" in nothing.output
+
+
+def test_ingest_with_unusable_weights_says_so_and_creates_no_bank_file(good_folder: Path, tmp_path: Path):
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    db = tmp_path / "never.db"
+    args = ["ingest", "--category", "texture", "--images", str(good_folder), "--uri", str(db)]
+    args += ["--weights", str(weights)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"cannot load weights from {weights}" in result.output, result.output
+    assert not db.exists()
