@@ -2,7 +2,7 @@
 against, and the precise search of a station's local replica.
 
 faiss' brute-force index (no torch): on bottle's held-out patches (21,504 queries, 19,251 bank
-vectors of 152 dims) 1.3 s against 2.7 s for the same sum in numpy
+vectors of 152 dims) 1.37 s against 2.94 s for the same sum in numpy
 (`python benchmarks/exact.py --uri bottle.db`)."""
 
 from __future__ import annotations
