@@ -221,3 +221,22 @@ def test_descriptions_are_read_in_ranges_of_chunks(store: BankStore, monkeypatch
     store.client.flush(collection)
     with pytest.raises(StoreError, match="3 of 4 parts found"):
         store.read_description(collection)
+
+
+@pytest.mark.parametrize("bounded", [None, ValueError("1 of 2 parts found")])
+def test_a_text_missing_or_incomplete_at_bounded_consistency_is_read_again_at_strong(monkeypatch, bounded):
+    from patchcore_milvus.milvus import rows
+
+    levels = []
+
+    def read_at(connection, collection, partition, first_id, level):
+        levels.append(level)
+        if level == "Strong":
+            return "the whole text"
+        if isinstance(bounded, Exception):
+            raise bounded
+        return bounded
+
+    monkeypatch.setattr(rows, "_read_text_at", read_at)
+    assert rows._read_text(None, "c", "description", -1) == "the whole text"
+    assert levels == ["Bounded", "Strong"]
