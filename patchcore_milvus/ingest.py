@@ -37,7 +37,7 @@ from patchcore_milvus.description import (
     Thresholds,
     TrainingImages,
 )
-from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError
+from patchcore_milvus.errors import BankMismatchError, ConfigError, ImageError, StoreError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import load_rgb
@@ -235,6 +235,46 @@ def extract_patches(
     )
 
 
+# Bytes each training patch holds in memory during an ingest besides its projection: its position
+# (3 int32), its entries in the coreset's pool (int64 + float64, room for two) and its leading
+# principal components (16 float32).
+_BYTES_PER_PATCH = 12 + 32 + 64
+
+
+def check_resources(images: int, features: FeaturePipeline, projection_dim: int) -> None:
+    """Refuse, before any work, an ingest whose patches would not fit: their projections in
+    memory, their full features in the temporary folder."""
+    side = -(-features.preprocess.input_size // 8)  # the stride-8 patch grid
+    patches = images * side * side
+    memory = patches * (4 * min(projection_dim, features.dim) + _BYTES_PER_PATCH)
+    disk = patches * features.dim * 4
+    folder = Path(tempfile.gettempdir())
+    available, free = _available_memory(), shutil.disk_usage(folder).free
+    short = []
+    if available is not None and memory > available:
+        short.append(f"about {memory / 2**30:.1f} GiB of memory ({available / 2**30:.1f} GiB available)")
+    if disk > free:
+        short.append(f"about {disk / 2**30:.1f} GiB of temporary disk in {folder} ({free / 2**30:.1f} GiB free)")
+    if short:
+        raise ConfigError(
+            f"this ingest of {images} images ({patches} patches of {features.dim} dims) needs "
+            + " and ".join(short)
+            + "; nothing was started. Use fewer images, a smaller image_size, target_dim or projection_dim, "
+            "or point TMPDIR at a larger disk"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 WORK_PREFIX = "patchcore-ingest-"  # then the PID of the ingest that made the folder
 
 
@@ -311,13 +351,15 @@ def _ingest(
     validate_category(category)
     if not images:
         raise ImageError(f"no images to {'append to' if append else 'ingest for'} category {category!r}")
-    if not append:  # before Milvus is touched: unusable weights leave no empty bank file behind
+    if not append:  # before Milvus is touched: unusable weights or settings leave no empty bank file
         features = FeaturePipeline.from_config(config)
+        check_resources(len(images), features, config.projection_dim)
     store = store or BankStore.from_config(config)
     grown = _Grown.read(store, category) if append else None
     if grown is not None:  # the grown bank's own extractor
         features = bank_extractor(store, grown.version, grown.description, config)
         check_extractor(category, grown.description, features)
+        check_resources(len(images), features, grown.description.coreset.projection_dim)
     root, names = _names(images, root)
     bank_idx, held_idx = holdout_split(len(images), config.holdout_ratio, config.seed)
     # An append projects with the old bank's projection, so that distances compare with its radius.

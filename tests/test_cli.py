@@ -327,3 +327,24 @@ def test_ingest_with_unusable_weights_says_so_and_creates_no_bank_file(good_fold
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and f"cannot load weights from {weights}" in result.output, result.output
     assert not db.exists()
+
+
+def test_an_ingest_that_would_not_fit_is_refused_before_it_starts(good_folder: Path, tmp_path: Path, monkeypatch):
+    from collections import namedtuple
+
+    from patchcore_milvus import ingest
+
+    shutil_usage = namedtuple("usage", "total used free")
+    db = tmp_path / "never.db"
+    args = ["ingest", "--category", "texture", "--images", str(good_folder), "--uri", str(db), "--image-size", "64"]
+    monkeypatch.setattr(ingest, "_available_memory", lambda: 1000)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "this ingest of 8 images (512 patches of 152 dims) needs about" in result.output
+    assert "GiB of memory" in result.output and "nothing was started" in result.output
+    assert not db.exists()
+    monkeypatch.setattr(ingest, "_available_memory", lambda: None)  # where it cannot be read: not checked
+    monkeypatch.setattr(ingest.shutil, "disk_usage", lambda folder: shutil_usage(0, 0, 1000))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "GiB of temporary disk in" in result.output and not db.exists()
+    monkeypatch.undo()
+    assert CliRunner().invoke(main, [*args, "--coreset-ratio", "0.25", "--no-progress"]).exit_code == 0
