@@ -209,7 +209,7 @@ def main() -> None:
 )
 def ingest(data_root: Path | None, category: str, images_dir: Path | None, append: bool, config: Config) -> None:
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
-    from patchcore_milvus.images import list_images
+    from patchcore_milvus.images import scan_folder
     from patchcore_milvus.ingest import append_to_bank, fit_bank
     from patchcore_milvus.milvus import validate_category
     from patchcore_milvus.mvtec import train_folder
@@ -222,8 +222,8 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, appen
         root = data_root / category
     else:
         root = images_dir
-    images = list_images(images_dir)
-    _say_left_out(images_dir, recursive=False)
+    images, left_out = scan_folder(images_dir)
+    _say(left_out)
     if not images:
         raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
     summary = (append_to_bank if append else fit_bank)(category, images, config, root=root)
@@ -236,24 +236,21 @@ def _printable(path: Path) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def _say_left_out(folder: Path, recursive: bool) -> None:
-    from patchcore_milvus.images import left_out
-
-    message = left_out(folder, recursive)
-    if message:
-        click.secho(message, fg="yellow", err=True)
+def _say(warning: str | None) -> None:
+    if warning:
+        click.secho(warning, fg="yellow", err=True)
 
 
 def _expand(inputs: tuple[Path, ...]) -> list[Path]:
     """Files as given, folders searched recursively (sorted); what a folder holds besides images is
     said on stderr."""
-    from patchcore_milvus.images import IMAGE_SUFFIXES, list_images
+    from patchcore_milvus.images import IMAGE_SUFFIXES, scan_folder
 
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = list_images(item, recursive=True)
-            _say_left_out(item, recursive=True)
+            found, left_out = scan_folder(item, recursive=True)
+            _say(left_out)
             if not found:
                 raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {item}")
             paths.extend(found)

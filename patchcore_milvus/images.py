@@ -22,29 +22,33 @@ NORMALIZATION_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, fl
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files inside `folder` (and its subfolders if `recursive`), sorted so that runs are
     reproducible."""
+    return scan_folder(folder, recursive)[0]
+
+
+def scan_folder(folder: Path, recursive: bool = False) -> tuple[list[Path], str | None]:
+    """`list_images`' files, and in the same pass what it leaves out, counted by reason (None if
+    nothing): so that a folder given as input never loses files in silence."""
     if not folder.is_dir():
         raise ImageError(f"{folder} is not a folder")
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def left_out(folder: Path, recursive: bool = False) -> str | None:
-    """What `list_images(folder, recursive)` leaves out, counted by reason, or None if nothing:
-    so that a folder given as input never loses files in silence."""
+    images: list[Path] = []
     reasons: Counter[str] = Counter()
     for entry in folder.rglob("*") if recursive else folder.iterdir():
-        if entry.is_symlink() and not entry.exists():
+        if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(entry)
+        elif entry.is_symlink() and not entry.exists():
             reasons["broken or looping symbolic links"] += 1
         elif entry.is_dir():
             if not recursive:
                 reasons["subfolders (not searched)"] += 1
         elif not entry.is_file():
             reasons["entries that are not regular files"] += 1
-        elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+        else:
             reasons[f"{entry.suffix.lower() or 'suffix-less'} files (not {', '.join(IMAGE_SUFFIXES)})"] += 1
-    if not reasons:
-        return None
-    return f"left out of {folder}: " + "; ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+    left_out = None
+    if reasons:
+        counted = "; ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        left_out = f"left out of {folder}: {counted}"
+    return sorted(images), left_out
 
 
 # Fewer pixels than this on a side carry less detail than the patch grid of a 256 px input (32).

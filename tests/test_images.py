@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from patchcore_milvus.errors import ImageError
-from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, left_out, list_images, load_rgb
+from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, list_images, load_rgb, scan_folder
 
 
 def save(tmp_path: Path, image: Image.Image, name: str) -> Path:
@@ -167,12 +167,13 @@ def test_left_out_names_each_kind_of_entry_a_folder_listing_skips(tmp_path: Path
     (tmp_path / "sub").mkdir()
     (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
     assert list_images(tmp_path) == [tmp_path / "a.png"]
-    message = left_out(tmp_path)
+    images, message = scan_folder(tmp_path)
+    assert images == [tmp_path / "a.png"]
     assert message is not None and message.startswith(f"left out of {tmp_path}: ")
     for part in ("1 .gif files", "1 suffix-less files", "1 subfolders (not searched)", "1 broken or looping"):
         assert part in message
-    assert "subfolders" not in (left_out(tmp_path, recursive=True) or "")
+    assert "subfolders" not in (scan_folder(tmp_path, recursive=True)[1] or "")
     (tmp_path / "b.gif").unlink()
     (tmp_path / "notes").unlink()
     (tmp_path / "loop.png").unlink()
-    assert left_out(tmp_path, recursive=True) is None
+    assert scan_folder(tmp_path, recursive=True)[1] is None
