@@ -33,8 +33,8 @@ MAX_THREADS = 256  # more extractor threads than this only starve the machine (1
 def stage_threads() -> int:
     """Threads for each of the two CPU stages that overlap (extraction beside decoding at ingest,
     beside the search at a station): half the cores each. On 2 cores a station searching locally
-    scored bottle in 72 ms per image this way, 83 with both stages on all cores; 156 against 171
-    on Milvus Lite (`python benchmarks/threads.py --uri bottle.db`)."""
+    scored bottle in 65.2 ms per image this way, 75.9 with both stages on all cores; 161.5 against
+    182.8 on Milvus Lite (`python benchmarks/threads.py --uri bottle.db`, the run README quotes)."""
     return max(1, (os.cpu_count() or 2) // 2)
 
 
@@ -243,18 +243,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of option: value")
-    return {key: _exponent_number(key, value) for key, value in data.items()}
+    hints = typing.get_type_hints(Config)
+    return {key: _exponent_number(value, hints.get(key)) for key, value in data.items()}
 
 
 # YAML 1.1 (PyYAML) reads 1.0e9 or 1e-3 as text: it wants a sign in the exponent and a dot.
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _exponent_number(key: Any, value: Any) -> Any:
-    """A float option written in exponent notation that YAML left as text, as the number meant."""
-    hints = typing.get_type_hints(Config)
+def _exponent_number(value: Any, annotation: Any) -> Any:
+    """A float option (its type `annotation`, None for an unknown key) written in exponent
+    notation that YAML left as text, as the number meant."""
     numeric = isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) is not None
-    if numeric and key in hints and _accepts(1.5, hints[key]):
+    if numeric and annotation is not None and _accepts(1.5, annotation):
         return float(value)
     return value
 

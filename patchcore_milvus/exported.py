@@ -63,11 +63,8 @@ def cache_key(config: Config) -> str | None:
     return digest.hexdigest()[:32]
 
 
-def load(config: Config, folder: Path | None = None) -> tuple[ExtractorDescription, bytes] | None:
-    """The cached description and ONNX model of `config`'s extractor, None if there is none usable."""
-    key = cache_key(config)
-    if key is None:
-        return None
+def load(key: str, folder: Path | None = None) -> tuple[ExtractorDescription, bytes] | None:
+    """The cached description and ONNX model under `key` (see `cache_key`), None if there is none usable."""
     folder = folder or cache_folder("extractors")
     try:
         entry = json.loads((folder / f"{key}.json").read_text())
@@ -79,11 +76,8 @@ def load(config: Config, folder: Path | None = None) -> tuple[ExtractorDescripti
         return None
 
 
-def save(config: Config, description: ExtractorDescription, model: bytes, folder: Path | None = None) -> None:
-    """Keep the exported model for the next run; a cache that cannot be written is not an error."""
-    key = cache_key(config)
-    if key is None:
-        return
+def save(key: str, description: ExtractorDescription, model: bytes, folder: Path | None = None) -> None:
+    """Keep the exported model under `key` for the next run; a cache that cannot be written is not an error."""
     folder = folder or cache_folder("extractors")
     entry = {"description": asdict(description), "sha256": hashlib.sha256(model).hexdigest()}
     try:

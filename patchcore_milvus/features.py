@@ -46,8 +46,9 @@ class FeaturePipeline:
         exported.py), without torch."""
         from patchcore_milvus import exported
 
-        if config.runtime == "onnx":
-            cached = exported.load(config)
+        key = exported.cache_key(config) if config.runtime == "onnx" else None  # hashes the weights file
+        if key is not None:
+            cached = exported.load(key)
             if cached is not None:
                 description, model = cached
                 return cls(description, _onnx_session(model, config.num_threads), model)
@@ -64,7 +65,8 @@ class FeaturePipeline:
 
             return cls(description, run)
         model = torch_extractor.export_onnx(extractor, config.center_crop or config.image_size)
-        exported.save(config, description, model)
+        if key is not None:
+            exported.save(key, description, model)
         return cls(description, _onnx_session(model, config.num_threads), model)
 
     @classmethod

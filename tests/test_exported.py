@@ -33,7 +33,8 @@ def test_a_damaged_entry_is_rebuilt(cache: Path):
     first = FeaturePipeline.from_config(Config(image_size=64))
     [model] = cache.glob("*.onnx")
     model.write_bytes(model.read_bytes()[:1000])
-    assert exported.load(Config(image_size=64)) is None
+    key = exported.cache_key(Config(image_size=64))
+    assert key is not None and exported.load(key) is None
     again = FeaturePipeline.from_config(Config(image_size=64))
     assert again.model == first.model and model.read_bytes() == first.model
 
