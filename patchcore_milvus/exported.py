@@ -1,6 +1,6 @@
 """Exported extractors kept on disk, so that an ingest builds and exports the torch model once
-per machine and extractor, not once per run (building it costs about 5 s: timm's import, the
-weights, the ONNX export).
+per machine and extractor, not once per run (building it means importing timm, loading the
+weights and running the ONNX export).
 
 An entry is keyed by everything the exported model depends on: the extractor options, the
 checksum of the weights file, the source of the modules that build and export the model, and
