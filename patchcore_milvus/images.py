@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from patchcore_milvus.errors import ImageError
 
@@ -78,10 +78,14 @@ def load_rgb(path: Path) -> Image.Image:
                 )
             image = ImageOps.exif_transpose(opened)
             image.load()
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: refused, too large to decode safely ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL's plugins raise anything on a damaged file: TypeError, KeyError, ...
+        raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     return _to_rgb(image, path)
 
 
