@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from patchcore_milvus.errors import ImageError
-from patchcore_milvus.images import list_images
+from patchcore_milvus.images import list_images, load_rgb
 
 GOOD = "good"
 
@@ -76,5 +76,5 @@ def ground_truth(image: LabelledImage, size: int) -> np.ndarray | None:
         return None
     if image.mask_path is None:
         return np.zeros((size, size), dtype=bool)
-    with Image.open(image.mask_path) as mask:
-        return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0
+    mask = load_rgb(image.mask_path).convert("L")  # a damaged mask is an ImageError naming it
+    return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0

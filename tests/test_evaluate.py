@@ -13,7 +13,7 @@ from PIL import Image
 from patchcore_milvus.cli import main
 from patchcore_milvus.errors import ImageError
 from patchcore_milvus.evaluate import CategoryEvaluation
-from patchcore_milvus.mvtec import LabelledImage, labelled_test_images
+from patchcore_milvus.mvtec import LabelledImage, ground_truth, labelled_test_images
 from patchcore_milvus.report import worst_cases
 
 FAST = ["--image-size", "64", "--no-progress"]
@@ -113,6 +113,14 @@ def test_wrong_layout_is_explained(tmp_path: Path):
         labelled_test_images(tmp_path, strict_masks=True)
     with pytest.raises(ImageError, match="needs both good/ and defect folders"):
         labelled_test_images(tmp_path)
+
+
+def test_a_damaged_mask_is_named_not_a_traceback(mvtec_like: Path):
+    images = labelled_test_images(mvtec_like / "texture")
+    damaged = next(image for image in images if image.mask_path is not None)
+    damaged.mask_path.write_bytes(b"not a png")
+    with pytest.raises(ImageError, match=rf"{damaged.mask_path.name}: not a readable image"):
+        ground_truth(damaged, 64)
 
 
 def _ingest_texture(mvtec_like: Path, db: str) -> None:
