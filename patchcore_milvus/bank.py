@@ -20,7 +20,7 @@ from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, V
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import NORMALIZATION_STATS, load_rgb
-from patchcore_milvus.milvus import BankRows, BankStore
+from patchcore_milvus.milvus import BankStore
 from patchcore_milvus.scoring import (
     SETTLE_PER_ROUND,
     SETTLE_PER_ROUND_IN_PROCESS,
@@ -213,6 +213,7 @@ class Bank:
         else:
             recheck = recheck_params(index.type, index.params, params)
         self.version, self.description = version, description
+        self.provenance = self.store.read_provenance(version)  # for each inspection's nearest patch
         self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
         self.search_params, self.recheck_params = params, recheck
 
@@ -266,7 +267,7 @@ class Bank:
         n, h, w, dim = patches.shape
         for attempt in (1, 2):
             self.refresh()
-            version = self.version
+            version, provenance = self.version, self.provenance
             try:
                 found = self._search_batch(version, patches.reshape(n, h * w, dim))
                 break
@@ -275,7 +276,7 @@ class Bank:
                 # keeping fewer versions, or a drop): look the alias up again, once.
                 if attempt == 2 or self.category is None:
                     raise
-        distances, ids, rechecked, worst, nearest_rows, weights = found
+        distances, ids, rechecked, worst, nearest, weights = found
         scores = image_scores(distances, worst, weights)
         norms = np.linalg.norm(patches, axis=-1)
         t2 = time.perf_counter()
@@ -290,7 +291,7 @@ class Bank:
                     anomaly_map=anomaly_map(
                         distances[i].reshape(h, w), self.features.preprocess, self.config.blur_sigma, *image.size
                     ),
-                    nearest_patch=nearest_rows.source(i),
+                    nearest_patch=provenance.source(int(nearest[i])),
                     timings_ms={},
                     image=image,
                     patch_distances=distances[i].reshape(h, w),
@@ -312,11 +313,11 @@ class Bank:
 
     def _search_batch(
         self, version: str, patches: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, BankRows, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For n images x p patches x dim, all from `version`: each patch's distance to and id of
         its nearest bank vector (n, p), with each image's largest distances settled by the recheck
-        search; how many patches of each image were rechecked; the bank row nearest to each
-        image's worst patch (its index, and the row); and each image's eq. 7 weight."""
+        search; how many patches of each image were rechecked; each image's worst patch (its
+        index), the id of the bank vector nearest to it, and the image's eq. 7 weight."""
         n, p, dim = patches.shape
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
@@ -331,21 +332,21 @@ class Bank:
         if missing:
             raise StoreError(f"bank version {version} returned no neighbour for {missing} patches; is it complete?")
         worst = distances.argmax(axis=1)
-        nearest_rows = self.store.get_rows(version, ids[np.arange(n), worst])
+        nearest = ids[np.arange(n), worst]
         weights = np.ones(n)
         if self.config.reweight:
-            weights = self._reweighting(version, patches[np.arange(n), worst], nearest_rows)
-        return distances, ids, rechecked, worst, nearest_rows, weights
+            weights = self._reweighting(version, patches[np.arange(n), worst], nearest)
+        return distances, ids, rechecked, worst, nearest, weights
 
-    def _reweighting(self, version: str, worst_patches: np.ndarray, nearest: BankRows) -> np.ndarray:
+    def _reweighting(self, version: str, worst_patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
         """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank, found
         with the recheck search; fewer than the bank holds is refused, not scored."""
         b = min(self.config.reweight_neighbors, self.description.coreset.size - 1)
         if b < 1:
             return np.ones(len(worst_patches))  # a bank of one vector: m* has no neighbours to weigh against
-        _, neighbour_ids = self.precise(version, nearest.vectors, b + 1, self.recheck_params)
+        _, neighbour_ids = self.precise(version, self.store.get_vectors(version, nearest), b + 1, self.recheck_params)
         candidate_ids = []
-        for centre, ids in zip(nearest.ids, neighbour_ids):
+        for centre, ids in zip(nearest, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != centre][:b]
             if len(others) < b:
                 raise StoreError(
@@ -353,7 +354,7 @@ class Bank:
                     f"{centre} that the re-weighting (eq. 7) needs; the score was not computed"
                 )
             candidate_ids.append([int(centre), *others])
-        candidates = self.store.get_rows(version, [i for ids in candidate_ids for i in ids]).vectors
+        candidates = self.store.get_vectors(version, [i for ids in candidate_ids for i in ids])
         return np.array(
             [
                 reweighting_factor(patch, candidates[k * (b + 1) : (k + 1) * (b + 1)])

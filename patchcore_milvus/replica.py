@@ -112,7 +112,7 @@ class LocalReplicas:
         rows = self.store.vector_count(version)
         if rows != len(replica.vectors) or rows != replica.index.ntotal:
             return False
-        probe = self.store.get_rows(version, [rows // 2]).vectors[0]
+        probe = self.store.get_vectors(version, [rows // 2])[0]
         return bool(np.array_equal(probe, replica.vectors[rows // 2]))
 
     def _replica(self, version: str) -> Replica | None:

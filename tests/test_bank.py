@@ -11,6 +11,7 @@ from patchcore_milvus.ann_check import SearchWidths
 from patchcore_milvus.config import BORDERS
 from patchcore_milvus.errors import BankMismatchError, BankNotFoundError, StoreError
 from patchcore_milvus.images import list_images, load_rgb
+from patchcore_milvus.milvus import sidecar
 
 
 @pytest.fixture
@@ -244,8 +245,8 @@ def test_a_station_scores_with_the_bank_s_own_extractor_without_torch(
 def test_a_damaged_extractor_model_is_refused(fitted: Config):
     store = BankStore(fitted.uri)
     version = store.resolve("texture")
-    store.client.delete(version, ids=[-1_000_000 - 3], partition_name="extractor")
-    store.client.flush(version)
+    store.client.delete(sidecar.name_of(version), ids=[-1_000_000 - 3], partition_name="extractor")
+    store.client.flush(sidecar.name_of(version))
     with pytest.raises(StoreError, match=r"extractor model of .* is damaged"):
         Bank.open("texture", fitted, store=store)
 

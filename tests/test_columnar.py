@@ -51,7 +51,7 @@ def client_search(store: BankStore, collection: str, queries: np.ndarray, top_k:
 def assert_same_as_the_client(store: BankStore) -> None:
     collection = small_bank(store, 400)
     queries = np.random.default_rng(8).normal(size=(700, 12)).astype(np.float32) * 6
-    queries[:20] = store.get_rows(collection, range(20)).vectors  # distance 0, and ties with the duplicates
+    queries[:20] = store.get_vectors(collection, range(20))  # distance 0, and ties with the duplicates
     for top_k in (1, 9):
         found = columnar_search(
             store.client, collection, queries, top_k, {"ef": 64}, VECTOR_FIELD, BANK_PARTITION, "id", 60

@@ -7,7 +7,7 @@ import pytest
 from conftest import sample_description
 
 from patchcore_milvus.errors import BankNotFoundError, StoreError
-from patchcore_milvus.milvus import BankRows, BankStore, category_of, validate_category
+from patchcore_milvus.milvus import BankRows, BankStore, category_of, sidecar, validate_category
 
 
 @pytest.fixture
@@ -45,10 +45,22 @@ def test_search_returns_euclidean_not_squared_distances(store: BankStore):
 def test_rows_keep_their_source_image_and_patch_position(store: BankStore):
     vectors = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
     collection = fill(store, "sources", vectors)
-    rows = store.get_rows(collection, [17, 3, 17])
-    assert rows.ids.tolist() == [17, 3, 17]
-    assert rows.images[0] == "img1.png" and rows.positions[0].tolist() == [17, 0]
-    np.testing.assert_allclose(rows.vectors[1], vectors[3], rtol=1e-6)
+    np.testing.assert_allclose(store.get_vectors(collection, [17, 3, 17]), vectors[[17, 3, 17]], rtol=1e-6)
+    provenance = store.read_provenance(collection)
+    assert provenance.source(17) == {"image": "img1.png", "patch_y": 17, "patch_x": 0}
+    rows = store.read_rows(collection)
+    assert rows.images == [f"img{i // 10}.png" for i in range(30)] and rows.positions[29].tolist() == [29, 0]
+    np.testing.assert_array_equal(rows.vectors, vectors)
+
+
+def test_the_bank_collection_holds_only_ids_and_vectors(store: BankStore):
+    # Milvus Lite builds every field of every search hit: nothing but the vector may sit beside it.
+    collection = fill(store, "slim", np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32))
+    fields = [field["name"] for field in store.client.describe_collection(collection)["fields"]]
+    assert fields == ["id", "embedding"]
+    assert store.client.has_collection(sidecar.name_of(collection))
+    store.drop_version(collection)
+    assert not store.client.has_collection(collection) and not store.client.has_collection(sidecar.name_of(collection))
 
 
 def test_more_queries_than_one_call_takes(store: BankStore):
@@ -103,12 +115,13 @@ def test_rollback_repoints_the_alias_to_an_older_complete_version(store: BankSto
 def test_descriptions_longer_than_one_varchar_and_damaged_ones(store: BankStore):
     vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
     collection = fill(store, "long", vectors)
-    store.client.delete(collection, ids=[-1], partition_name="description")
+    records = sidecar.name_of(collection)
+    store.client.delete(records, ids=[-1], partition_name="description")
     names = [f"image_{i:06d}.png" for i in range(10000)]
     store.write_description(collection, sample_description("long", names))  # ~190 kB
     assert len(store.read_description(collection).training_images[0].bank) == 10000
-    store.client.delete(collection, ids=[-2])  # a chunk goes missing
-    store.client.flush(collection)
+    store.client.delete(records, ids=[-2])  # a chunk goes missing
+    store.client.flush(records)
     with pytest.raises(StoreError, match="damaged"):
         store.read_description(collection)
 
@@ -208,28 +221,25 @@ def test_a_collection_without_our_description_is_refused_with_the_reason(store: 
 
 
 def test_descriptions_are_read_in_ranges_of_chunks(store: BankStore, monkeypatch):
-    from patchcore_milvus.milvus import rows
-
-    monkeypatch.setattr(rows, "_CHUNKS_PER_READ", 2)  # 4 chunks: two reads
+    monkeypatch.setattr(sidecar, "_CHUNKS_PER_READ", 2)  # 4 chunks: two reads
     vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
     collection = fill(store, "ranged", vectors)
-    store.client.delete(collection, ids=[-1], partition_name="description")
+    records = sidecar.name_of(collection)
+    store.client.delete(records, ids=[-1], partition_name="description")
     names = [f"image_{i:06d}.png" for i in range(10000)]
     store.write_description(collection, sample_description("ranged", names))
     assert store.read_description(collection).training_images[0].bank == names
-    store.client.delete(collection, ids=[-2])  # a chunk of the first range goes missing
-    store.client.flush(collection)
+    store.client.delete(records, ids=[-2])  # a chunk of the first range goes missing
+    store.client.flush(records)
     with pytest.raises(StoreError, match="3 of 4 parts found"):
         store.read_description(collection)
 
 
 @pytest.mark.parametrize("bounded", [None, ValueError("1 of 2 parts found")])
 def test_a_text_missing_or_incomplete_at_bounded_consistency_is_read_again_at_strong(monkeypatch, bounded):
-    from patchcore_milvus.milvus import rows
-
     levels = []
 
-    def read_at(connection, collection, partition, first_id, level):
+    def read_at(connection, layout, partition, level):
         levels.append(level)
         if level == "Strong":
             return "the whole text"
@@ -237,6 +247,65 @@ def test_a_text_missing_or_incomplete_at_bounded_consistency_is_read_again_at_st
             raise bounded
         return bounded
 
-    monkeypatch.setattr(rows, "_read_text_at", read_at)
-    assert rows._read_text(None, "c", "description", -1) == "the whole text"
+    monkeypatch.setattr(sidecar, "_read_text_at", read_at)
+    assert sidecar._read_text(None, None, "description") == "the whole text"
     assert levels == ["Bounded", "Strong"]
+
+
+def _single_layout_version(store: BankStore, category: str, vectors: np.ndarray) -> str:
+    """A version as patchcore-milvus wrote them before the sidecar: everything in one collection."""
+    from pymilvus import DataType, MilvusClient
+
+    name = f"{category}__v20260101T000000000000"
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=vectors.shape[1])
+    schema.add_field("image", DataType.VARCHAR, max_length=2048)
+    schema.add_field("patch_y", DataType.INT32)
+    schema.add_field("patch_x", DataType.INT32)
+    schema.add_field("description", DataType.VARCHAR, max_length=65535)
+    store.client.create_collection(name, schema=schema)
+    for partition in ("description", "extractor"):
+        store.client.create_partition(name, partition)
+    bank = [
+        {"id": i, "embedding": v.tolist(), "image": f"old{i // 10}.png", "patch_y": i, "patch_x": 1, "description": ""}
+        for i, v in enumerate(vectors)
+    ]
+    store.client.insert(name, bank)
+    text = sample_description(category).to_json()
+    chunks = [text[i : i + 1000] for i in range(0, len(text), 1000)]
+    zeros = [0.0] * vectors.shape[1]
+    rows = [
+        {"id": -1 - k, "embedding": zeros, "image": "", "patch_y": len(chunks), "patch_x": k, "description": chunk}
+        for k, chunk in enumerate(chunks)
+    ]
+    store.client.insert(name, rows, partition_name="description")
+    store.build_index(name, "HNSW", {"M": 8, "efConstruction": 64})
+    return name
+
+
+def test_a_version_from_before_the_sidecar_is_still_read_and_never_taken_for_a_leftover(store: BankStore):
+    vectors = np.random.default_rng(7).normal(size=(30, 8)).astype(np.float32)
+    old = _single_layout_version(store, "legacy", vectors)
+    store.publish("legacy", old, keep=2)
+    assert store.read_description(old).category == "legacy"
+    assert store.read_provenance(old).source(12) == {"image": "old1.png", "patch_y": 12, "patch_x": 1}
+    np.testing.assert_array_equal(store.read_vectors(old), vectors)
+    assert store.leftovers() == []
+    new = fill(store, "legacy", vectors)
+    assert store.publish("legacy", new, keep=2) == []  # the old one is complete: kept for rollback
+    assert store.rollback("legacy") == old
+    distances, ids = store.search("legacy", vectors[:5], 1, {"ef": 32})
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4] and float(distances.max()) < 1e-3
+
+
+def test_a_sidecar_left_without_its_version_is_a_leftover(store: BankStore):
+    vectors = np.random.default_rng(8).normal(size=(20, 8)).astype(np.float32)
+    version = fill(store, "orphan", vectors)
+    store.publish("orphan", version, keep=2)
+    killed = store.create_version("orphan", 8)
+    store.client.drop_collection(killed)  # a kill between dropping the collection and its sidecar
+    assert store.leftovers() == [killed]
+    store.drop_version(killed)
+    assert store.leftovers() == [] and not store.client.has_collection(sidecar.name_of(killed))
+    assert store.resolve("orphan") == version

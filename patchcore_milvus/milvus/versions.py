@@ -1,6 +1,7 @@
 """The store: one small facade over Milvus, a collection per bank version, an alias per category.
 
-A category's alias (e.g. `bottle`) points at its current collection (`bottle__v<UTC time>`).
+A category's alias (e.g. `bottle`) points at its current collection (`bottle__v<UTC time>`),
+whose sidecar (`bottle__v<UTC time>__meta`, see sidecar.py) holds what the version records.
 Ingest builds a new collection completely, verifies it, then moves the alias, so a half-built
 bank is never what a category name resolves to, and an interrupted ingest leaves the old one
 serving. Older versions stay (up to `keep_versions`) for `rollback`.
@@ -21,8 +22,10 @@ from patchcore_milvus.config import is_server_uri
 from patchcore_milvus.description import BankDescription
 from patchcore_milvus.errors import BankNotFoundError, StoreError, StoreUnavailableError
 from patchcore_milvus.milvus import rows as collection_rows
+from patchcore_milvus.milvus import sidecar
 from patchcore_milvus.milvus.connection import Connection, tls_options
 from patchcore_milvus.milvus.rows import VECTOR_FIELD, BankRows
+from patchcore_milvus.milvus.sidecar import Provenance
 
 if TYPE_CHECKING:
     from patchcore_milvus.config import Config
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 _NAME_RULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # matched whole (fullmatch): "$" would let a final newline in
 _VERSION_SUFFIX = re.compile(r"^(?P<category>.+)__v(?P<stamp>\d{8}T\d{12})$")
 _MAX_NAME = 255
-_SUFFIX_LENGTH = len("__v20260101T000000000000")
+_SUFFIX_LENGTH = len("__v20260101T000000000000") + len(sidecar.SUFFIX)
 
 
 def validate_category(name: str) -> str:
@@ -115,28 +118,33 @@ class BankStore:
         """Nearest bank rows of each vector: (Euclidean distances, ids), each (n, top_k)."""
         return collection_rows.search(self.connection, collection, vectors, top_k, search_params)
 
-    def get_rows(self, collection: str, ids: Iterable[int]) -> BankRows:
-        return collection_rows.get_rows(self.connection, collection, ids)
+    def get_vectors(self, collection: str, ids: Iterable[int]) -> np.ndarray:
+        """Stored vectors for `ids`, in the order given: (len(ids), dim)."""
+        return collection_rows.get_vectors(self.connection, collection, ids)
 
     def read_rows(self, collection: str) -> BankRows:
         return collection_rows.read_rows(self.connection, collection)
 
     def read_vectors(self, collection: str) -> np.ndarray:
         """All vectors of a collection, row i = id i."""
-        return self.read_rows(collection).vectors
+        return collection_rows.read_vectors(self.connection, collection)
+
+    def read_provenance(self, collection: str) -> Provenance:
+        """Where each vector of a version came from (read once per version: it never changes)."""
+        return sidecar.read_provenance(self.connection, collection, self.vector_count(collection))
 
     def vector_count(self, collection: str) -> int:
         return collection_rows.vector_count(self.connection, collection)
 
     def write_description(self, collection: str, description: BankDescription) -> None:
-        collection_rows.write_description(self.connection, collection, description)
+        sidecar.write_description(self.connection, collection, description)
 
     def write_model(self, collection: str, model: bytes) -> None:
-        collection_rows.write_model(self.connection, collection, model)
+        sidecar.write_model(self.connection, collection, model)
 
     def read_model(self, collection: str) -> bytes:
         """The extractor model the version carries (see features.FeaturePipeline.from_model)."""
-        return collection_rows.read_model(self.connection, collection)
+        return sidecar.read_model(self.connection, collection)
 
     def read_description(self, collection: str) -> BankDescription:
         description = self.read_description_or_none(collection)
@@ -149,7 +157,7 @@ class BankStore:
 
     def read_description_or_none(self, collection: str) -> BankDescription | None:
         """None for a version that never got its description (its ingest was interrupted)."""
-        return collection_rows.read_description(self.connection, collection)
+        return sidecar.read_description(self.connection, collection)
 
     # Building a version -------------------------------------------------------------------
 
@@ -177,7 +185,10 @@ class BankStore:
         state = str(call("get_load_state", lambda c, t: c.get_load_state(collection, timeout=t)).get("state"))
         if "Loaded" not in state:
             problems.append(f"not loaded ({state})")
-        probe = self.get_rows(collection, [probe_id]).vectors[0]
+        records = self.read_provenance(collection) if rows == expected_rows else None
+        if records is not None and len(records) != rows:
+            problems.append(f"{len(records)} patch records for {rows} vectors")
+        probe = self.get_vectors(collection, [probe_id])[0]
         distances, _ = self.search(collection, probe[None, :], 1, search_params)
         if distances[0, 0] > 1e-3 * max(1.0, float(np.linalg.norm(probe))):
             problems.append(f"stored vector {probe_id} found at distance {distances[0, 0]:.4g}, not 0")
@@ -204,7 +215,8 @@ class BankStore:
         return dropped
 
     def drop_version(self, collection: str) -> None:
-        self.connection.call("drop_collection", lambda c, t: c.drop_collection(collection, timeout=t))
+        """The version's collection and its sidecar; either may be gone already."""
+        collection_rows.drop_collection(self.connection, collection)
 
     # Reading a bank ------------------------------------------------------------------------
 
@@ -282,7 +294,8 @@ class BankStore:
             validate_category(category)
         found = []
         current: dict[str, str | None] = {}
-        for name in self._collections():
+        collections = self._collections()
+        for name in collections:
             owner = category_of(name)
             if owner is None or (category is not None and owner != category):
                 continue
@@ -290,14 +303,26 @@ class BankStore:
                 current[owner] = self.current_version(owner)
             if current[owner] != name and self.read_description_or_none(name) is None:
                 found.append(name)
-        return found
+        return sorted(found + self._orphan_sidecars(collections, category))
+
+    @staticmethod
+    def _orphan_sidecars(collections: list[str], category: str | None) -> list[str]:
+        """Versions whose sidecar outlived their collection (a kill between dropping the two, or
+        between creating them)."""
+        present = set(collections)
+        versions = (name.removesuffix(sidecar.SUFFIX) for name in collections if name.endswith(sidecar.SUFFIX))
+        return [
+            version
+            for version in versions
+            if version not in present and category_of(version) is not None and category in (None, category_of(version))
+        ]
 
     def drop(self, category: str) -> list[str]:
         """Remove a category: its alias and every version."""
         self.resolve(category)
         self.connection.call("drop_alias", lambda c, t: c.drop_alias(category, timeout=t))
         names = self._version_names(category)
-        for name in names:
+        for name in names + self._orphan_sidecars(self._collections(), category):
             self.drop_version(name)
         return names
 
