@@ -41,8 +41,8 @@ def stage_threads() -> int:
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
-    "HNSW": {"M": 16, "efConstruction": 200},
-    "HNSW_SQ": {"M": 16, "efConstruction": 200, "sq_type": "SQ8"},
+    "HNSW": {"M": 16, "efConstruction": 400},
+    "HNSW_SQ": {"M": 16, "efConstruction": 400, "sq_type": "SQ8"},
     "IVF_FLAT": {"nlist": 1024},
     "IVF_SQ8": {"nlist": 1024},
 }
@@ -112,7 +112,7 @@ class Config:
     normalization: str = _option("imagenet", "Input statistics.", choices=NORMALIZATIONS)
     target_dim: int | None = _option(None, "Pool patch features to this many dims.")
     border: str = _option(
-        "inside",
+        "zeros",
         "3x3 neighbourhood average at the image border: 'inside' averages only the pixels inside "
         "the image; 'zeros' counts the padding as zeros (anomalib's AvgPool2d).",
         choices=BORDERS,

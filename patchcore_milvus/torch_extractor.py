@@ -19,7 +19,7 @@ from patchcore_milvus.images import NORMALIZATION_STATS
 class PatchFeatureExtractor(nn.Module):
     """Image batch (B, 3, H, W) -> patch embeddings (B, H/8, W/8, D)."""
 
-    def __init__(self, backbone: Backbone, target_dim: int | None = None, border: str = "inside"):
+    def __init__(self, backbone: Backbone, target_dim: int | None = None, border: str = "zeros"):
         super().__init__()
         self.backbone = backbone
         self.target_dim = target_dim

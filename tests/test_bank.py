@@ -52,7 +52,7 @@ def test_description_records_the_model(fitted: Config):
     assert len(held_out) == 2
     assert description.thresholds.image >= max(h.score for h in held_out)
     assert description.thresholds.pixel >= max(h.map_max for h in held_out)
-    assert (description.index.type, description.index.params) == ("HNSW", {"M": 16, "efConstruction": 200})
+    assert (description.index.type, description.index.params) == ("HNSW", {"M": 16, "efConstruction": 400})
     [listed] = store.list_banks()
     assert listed.category == "texture" and listed.vectors == 96 and listed.description.extractor.dim == 152
 

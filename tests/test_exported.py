@@ -43,7 +43,7 @@ def test_the_key_follows_the_options_and_the_weights_file(cache: Path, tmp_path:
     base = exported.cache_key(Config(image_size=64))
     assert base is not None
     assert exported.cache_key(Config(image_size=96)) != base
-    assert exported.cache_key(Config(image_size=64, border="zeros")) != base
+    assert exported.cache_key(Config(image_size=64, border="inside")) != base
     assert exported.cache_key(Config(image_size=64, seed=1)) == base  # the seed only matters for random weights
     assert exported.cache_key(Config(image_size=64, weights="random")) != exported.cache_key(
         Config(image_size=64, weights="random", seed=1)
