@@ -19,8 +19,8 @@ from pathlib import Path
 from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 SETTINGS = {
-    "default (M 16, efConstruction 400)": [],
-    "efConstruction 200 (the default before)": ["--index-param", "efConstruction=200"],
+    "default (M 16, efConstruction 200)": [],
+    "efConstruction 400": ["--index-param", "efConstruction=400"],
     "M 32": ["--index-param", "M=32"],
 }
 

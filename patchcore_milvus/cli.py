@@ -199,6 +199,7 @@ def main() -> None:
     "index_params",
     "search_params",
     "holdout_ratio",
+    "holdout_joins",
     "threshold_sigma",
     "reweight",
     "reweight_neighbors",

@@ -41,8 +41,8 @@ def stage_threads() -> int:
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
-    "HNSW": {"M": 16, "efConstruction": 400},
-    "HNSW_SQ": {"M": 16, "efConstruction": 400, "sq_type": "SQ8"},
+    "HNSW": {"M": 16, "efConstruction": 200},
+    "HNSW_SQ": {"M": 16, "efConstruction": 200, "sq_type": "SQ8"},
     "IVF_FLAT": {"nlist": 1024},
     "IVF_SQ8": {"nlist": 1024},
 }
@@ -145,6 +145,11 @@ class Config:
 
     # Thresholds: calibrated on held-out good images at ingest unless given here.
     holdout_ratio: float = _option(0.1, "Good images held out for thresholds.")
+    holdout_joins: bool = _option(
+        True,
+        "Held-out images join the bank once the thresholds are set from them (what they add beyond "
+        "its covering radius), so that the bank learns from every good image, as anomalib's does.",
+    )
     threshold_sigma: float = _option(4.0, "Threshold margin in std devs.")
     image_threshold: float | None = _option(None, "Override the stored image threshold.")
     pixel_threshold: float | None = _option(None, "Override the stored pixel threshold.")

@@ -2,7 +2,8 @@
 
 A version's description is stored beside its vectors (see milvus/rows.py) as JSON; these typed
 objects are what the rest of the package reads. `SCHEMA` counts format changes: 1 added the
-measured search widths, 2 the extractor model; older descriptions are read with those left out.
+measured search widths, 2 the extractor model, 3 the held-out images joining the bank; older
+descriptions are read with those left out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from patchcore_milvus.ann_check import SearchWidths
 
-SCHEMA = 2
+SCHEMA = 3
 
 # How patch features are aggregated (PatchCore eq. 2): recorded, so a query can be held to it.
 AGGREGATION = "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat"
@@ -97,6 +98,9 @@ class Thresholds:
     sigma: float
     holdout: list[HeldOutImage]
     skipped: list[str] = field(default_factory=list)  # held-out files that could not be read
+    # Vectors the held-out images added to the bank once these thresholds were set (they can only
+    # lower every score); None: they stayed out of it (holdout_joins false, or before schema 3).
+    joined: int | None = None
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class IngestSummary:
     seconds: dict[str, float]
     search: SearchWidths | None  # as measured against exact search before publishing; None if nothing was
     skipped: list[str] = field(default_factory=list)  # unusable files left out, with the reason
+    joined: int | None = None  # vectors the held-out images added once they had set the thresholds
     # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now,
     # whether the picks stopped at the cap, and the grown version's thresholds (image, pixel).
     appended_to: str | None = None
@@ -117,6 +118,7 @@ class IngestSummary:
             *(f"skipped {reason}" for reason in self.skipped),
             f"bank {self.category} -> collection {self.collection}",
             f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds"
+            + ("" if self.joined is None else f", then joined to the bank ({self.joined} vectors added)")
             + (f", {len(self.skipped)} unusable files skipped" if self.skipped else ""),
             bank,
             f"search: {_params(self.search.params)} (recall@1 {self.search.recall_at_1:.4f} against exact search on "
@@ -137,6 +139,7 @@ class BankContents:
 
     rows: BankRows
     probes: np.ndarray  # (m, dim) training patches the coreset left out: real queries with known answers
+    calibration: int  # the first rows, without what the held-out images add: the thresholds' bank
 
 
 def probe_rows(n_rows: int, picks: np.ndarray, seed: int, count: int = PROBE_PATCHES) -> np.ndarray:
@@ -385,6 +388,9 @@ def _ingest(
             config.strict,
             held_out=len(held_idx),
         )
+        held = None
+        if config.holdout_joins and held_idx.size:
+            held = _held_out_patches(features, [images[i] for i in held_idx], projection, Path(work), config)
         seconds["features"] = time.perf_counter() - t
         t = time.perf_counter()
         n_patches = len(patches.positions)
@@ -392,9 +398,18 @@ def _ingest(
         if grown is None:
             picks, radius = greedy_coreset(patches.projected, limit, config.seed, config.progress)
             far = n_patches
+            calibration_bank = patches.projected[torch.as_tensor(picks)]
         else:
-            picks, far = _new_picks(patches, grown, features.dim, limit)
+            old = _projected(grown, features.dim)
+            picks, far = _beyond_radius(patches.projected, old, grown.description.coreset.radius, limit)
             radius = grown.description.coreset.radius
+            calibration_bank = torch.cat([old, patches.projected[torch.as_tensor(picks)]])
+        joined = np.empty(0, dtype=np.int64)
+        if held is not None and len(picks):
+            # What the held-out images add, once they have set the thresholds (see _publish).
+            joined_limit = coreset_size(len(held.positions), config.coreset_ratio, None)
+            joined, _ = _beyond_radius(held.projected, calibration_bank, radius, joined_limit)
+        del calibration_bank
         seconds["coreset"] = time.perf_counter() - t
         used = np.unique(patches.positions[:, 0])
         counts = {"images": len(used), "patches": n_patches, "coreset_size": len(picks), "far_patches": far}
@@ -412,20 +427,19 @@ def _ingest(
                 bank_size=len(grown.rows),
                 **counts,
             )
-        new = BankRows(
-            ids=np.arange(len(picks)),
-            vectors=patches.full[picks],  # read back from disk
-            images=[names[bank_idx[patches.positions[i, 0]]] for i in picks],
-            positions=patches.positions[picks, 1:],
-        )
+        new = _rows(patches, picks, [names[i] for i in bank_idx])
+        rows = new if grown is None else grown.rows.concatenate(new)
         contents = BankContents(
-            rows=new if grown is None else grown.rows.concatenate(new),
+            rows=rows if held is None else rows.concatenate(_rows(held, joined, [names[i] for i in held_idx])),
             probes=patches.full[probe_rows(n_patches, picks, config.seed)],
+            calibration=len(rows),
         )
         skipped = patches.skipped
-    del patches  # the projected features go; the memory-mapped file went with the folder
+        held_used = [] if held is None else [names[held_idx[i]] for i in np.unique(held.positions[:, 0])]
+        held_patches = 0 if held is None else len(held.positions)
+    del patches, held  # the projected features go; the memory-mapped files went with the folder
 
-    part = TrainingImages(str(root), [names[bank_idx[i]] for i in used])
+    part = TrainingImages(str(root), [*(names[bank_idx[i]] for i in used), *held_used])
     index = IndexDescription(config.index_type, config.effective_index_params)
     if grown is None:
         description = BankDescription(
@@ -435,12 +449,18 @@ def _ingest(
             origin="ingest",
             extractor=features.description,
             coreset=CoresetDescription(
-                config.projection_dim, config.seed, config.coreset_ratio, len(picks), n_patches, radius
+                config.projection_dim,
+                config.seed,
+                config.coreset_ratio,
+                len(contents.rows),
+                n_patches + held_patches,
+                radius,
             ),
             index=index,
             training_images=[part],
         )
         earlier: list[HeldOutImage] = []
+        rescore = False
     else:
         old = grown.description
         description = replace(
@@ -448,7 +468,9 @@ def _ingest(
             package_version=__version__,
             created=_now(),
             origin=f"append to {grown.version}",
-            coreset=replace(old.coreset, size=len(contents.rows), patches=old.coreset.patches + n_patches),
+            coreset=replace(
+                old.coreset, size=len(contents.rows), patches=old.coreset.patches + n_patches + held_patches
+            ),
             index=index,
             training_images=[*old.training_images, replace(part, far_patches=far, added=len(picks))],
             search=None,
@@ -456,8 +478,15 @@ def _ingest(
             extractor_model=None,
         )
         earlier = old.thresholds.holdout if old.thresholds else []
+        rescore = True
+        if old.thresholds is not None and old.thresholds.joined is not None:
+            # Those images are in the bank now: scored again they would come out near 0. Their
+            # recorded scores stand (the bank only grew since: they can only be too high).
+            rescore = False
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection, description = _publish(store, features, config, contents, description, held_out, earlier, seconds)
+    collection, description = _publish(
+        store, features, config, contents, description, held_out, (earlier, rescore), seconds
+    )
     assert description.thresholds is not None  # _publish calibrated them
     return _summary(
         category,
@@ -480,21 +509,50 @@ def _threshold_pair(description: BankDescription) -> tuple[float | None, float |
     return None if thresholds is None else (thresholds.image, thresholds.pixel)
 
 
-def _new_picks(patches: PatchSet, grown: _Grown, dim: int, limit: int) -> tuple[np.ndarray, int]:
-    """What new patches add to a grown bank: greedy picks among those beyond its covering radius
-    (at most `limit`), and how many lay beyond it."""
+def _projected(grown: _Grown, dim: int) -> torch.Tensor:
+    """A grown bank's vectors in its coreset projection."""
     coreset = grown.description.coreset
     matrix = projection_matrix(dim, coreset.projection_dim, coreset.projection_seed)
     old_vectors = torch.from_numpy(grown.rows.vectors)
-    old_projected = (old_vectors if matrix is None else old_vectors @ matrix).numpy()
-    nearest = torch.from_numpy(ExactSearch(old_projected)(patches.projected.numpy(), 1)[0][:, 0]) ** 2
+    return old_vectors if matrix is None else old_vectors @ matrix
+
+
+def _beyond_radius(projected: torch.Tensor, bank: torch.Tensor, radius: float, limit: int) -> tuple[np.ndarray, int]:
+    """What patches (`projected`) add to a bank (`bank`, the same projection): greedy picks among
+    those beyond its covering radius (at most `limit`), and how many lay beyond it."""
+    nearest = torch.from_numpy(ExactSearch(bank.numpy())(projected.numpy(), 1)[0][:, 0]) ** 2
     # Beyond the radius by more than float32 rounding: the patch that defines the radius, extracted
     # again in another batch and measured by another routine, lands a hair either side of it.
-    far = (nearest > coreset.radius**2 * (1 + RADIUS_TOLERANCE)).nonzero().squeeze(1)
+    far = (nearest > radius**2 * (1 + RADIUS_TOLERANCE)).nonzero().squeeze(1)
     if len(far) == 0:
         return np.empty(0, dtype=np.int64), 0
-    extended = extend_coreset(patches.projected[far], nearest[far], coreset.radius, limit)
+    extended = extend_coreset(projected[far], nearest[far], radius, limit)
     return far[torch.as_tensor(extended)].numpy(), len(far)
+
+
+def _held_out_patches(
+    features: FeaturePipeline, paths: list[Path], projection: Config, work: Path, config: Config
+) -> PatchSet | None:
+    """The held-out images' patches, to join the bank after the thresholds (None: none usable;
+    the thresholds' own pass names the unusable ones)."""
+    folder = work / "held-out"
+    folder.mkdir()
+    try:
+        return extract_patches(
+            features, paths, config.batch_size, projection.projection_dim, projection.seed, folder, config.progress
+        )
+    except ImageError:
+        return None
+
+
+def _rows(patches: PatchSet, picks: np.ndarray, names: list[str]) -> BankRows:
+    """Bank rows of the picked patches; `names`: the image names in the order they were extracted."""
+    return BankRows(
+        ids=np.arange(len(picks)),
+        vectors=patches.full[picks],  # read back from disk
+        images=[names[patches.positions[i, 0]] for i in picks],
+        positions=patches.positions[picks, 1:],
+    )
 
 
 def _summary(
@@ -519,6 +577,7 @@ def _summary(
         seconds=seconds,
         search=None if nothing_added else description.search,
         skipped=skipped + ([] if nothing_added or thresholds is None else thresholds.skipped),
+        joined=None if nothing_added or thresholds is None else thresholds.joined,
         **counts,
     )
 
@@ -530,7 +589,7 @@ def _publish(
     contents: BankContents,
     description: BankDescription,
     held_out: list[tuple[Path, str]],
-    earlier_holdout: list[HeldOutImage],
+    earlier_holdout: tuple[list[HeldOutImage], bool],
     seconds: dict[str, float],
 ) -> tuple[str, BankDescription]:
     """Store the rows as a new version, check its search against exact search, calibrate its
@@ -566,13 +625,24 @@ def _publish(
         seconds["search check"] = time.perf_counter() - t
         t = time.perf_counter()
         exact = ExactSearch(rows.vectors)
+        exact_bank = Bank.pinned(store, collection, description, features, config, lambda _, q, k, __: exact(q, k))
+        calibration_bank = exact_bank
+        if contents.calibration < len(rows):  # thresholds from the bank without the held-out images' patches
+            before = ExactSearch(rows.vectors[: contents.calibration])
+            smaller = replace(description, coreset=replace(description.coreset, size=contents.calibration))
+            calibration_bank = Bank.pinned(
+                store, collection, smaller, features, config, lambda _, q, k, __: before(q, k)
+            )
         thresholds = _calibrate_thresholds(
-            Bank.pinned(store, collection, description, features, config, lambda _, q, k, __: exact(q, k)),
+            calibration_bank,
+            exact_bank,
             Bank.pinned(store, collection, description, features, config),
             held_out,
             earlier_holdout,
             config,
         )
+        if config.holdout_joins and held_out:
+            thresholds = replace(thresholds, joined=len(rows) - contents.calibration)
         description = replace(description, thresholds=thresholds)
         seconds["thresholds"] = time.perf_counter() - t
         _say(config, f"milvus: verifying {collection}, then publishing it as {category}")
@@ -599,37 +669,48 @@ SCORE_TOLERANCE = 1e-3
 
 
 def _calibrate_thresholds(
-    exact_bank: Bank, milvus_bank: Bank, held_out: list[tuple[Path, str]], earlier: list[HeldOutImage], config: Config
+    calibration_bank: Bank,
+    exact_bank: Bank,
+    milvus_bank: Bank,
+    held_out: list[tuple[Path, str]],
+    earlier_holdout: tuple[list[HeldOutImage], bool],
+    config: Config,
 ) -> Thresholds:
-    """Score the held-out good images against the new version and derive both thresholds.
+    """Score the held-out good images and derive both thresholds.
 
-    The thresholds come from exact search over the version's vectors; the same images scored
-    through Milvus must agree with it (`SCORE_TOLERANCE`), or the version is not published.
-    `earlier`: held-out images of the bank this one grows (`append`): re-scored where their files
-    are still at their recorded path, else their recorded scores stand (the bank only grew, so
-    those can only be too high: the thresholds err on the side of fewer false alarms).
+    The thresholds come from exact search over the bank without the held-out images' own patches
+    (`calibration_bank`; the version itself where they do not join it). The same images scored
+    through Milvus must agree with exact search over the version's vectors (`SCORE_TOLERANCE`), or
+    the version is not published. `earlier_holdout`: held-out images of the bank this one grows
+    (`append`), and whether to score them again: where their files are still at their recorded
+    path and they never joined that bank; else their recorded scores stand (the bank only grew,
+    so those can only be too high: the thresholds err on the side of fewer false alarms).
     Unusable files are skipped and listed (`strict`: raised)."""
-    rescored = [(Path(e.path), e.image) for e in earlier if Path(e.path).is_file()]
-    kept = [e for e in earlier if not Path(e.path).is_file()]
+    earlier, rescore = earlier_holdout
+    rescored = [(Path(e.path), e.image) for e in earlier if rescore and Path(e.path).is_file()]
+    kept = [e for e in earlier if not (rescore and Path(e.path).is_file())]
     to_score = [*held_out, *rescored]
     entries, skipped = [], []
     for start in range(0, len(to_score), config.batch_size):
         batch = {str(path): name for path, name in to_score[start : start + config.batch_size]}
-        extracted = exact_bank.load_and_extract([Path(path) for path in batch])
+        extracted = calibration_bank.load_and_extract([Path(path) for path in batch])
         for _, error in extracted.errors:
             if config.strict:
                 raise error
             skipped.append(str(error))
         if not extracted.names:
             continue
-        for exact, milvus in zip(exact_bank.score_extracted(extracted), milvus_bank.score_extracted(extracted)):
+        calibrated = calibration_bank.score_extracted(extracted)
+        exact_scores = calibrated if calibration_bank is exact_bank else exact_bank.score_extracted(extracted)
+        for exact, milvus in zip(exact_scores, milvus_bank.score_extracted(extracted)):
             if abs(milvus.image_score - exact.image_score) > SCORE_TOLERANCE * max(1.0, exact.image_score):
                 raise StoreError(
                     f"new bank version {milvus_bank.version} scores held-out image {exact.path} at "
                     f"{milvus.image_score:.4f} through Milvus, {exact.image_score:.4f} by exact search; not published"
                 )
-            score, map_max = round(exact.image_score, 6), round(float(exact.anomaly_map.max()), 6)
-            entries.append(HeldOutImage(batch[exact.path], exact.path, score, map_max))
+        for result in calibrated:
+            score, map_max = round(result.image_score, 6), round(float(result.anomaly_map.max()), 6)
+            entries.append(HeldOutImage(batch[result.path], result.path, score, map_max))
     entries += kept
     sigma = config.threshold_sigma
     image = calibrate(np.array([e.score for e in entries]), sigma) if entries else None

