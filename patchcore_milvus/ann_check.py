@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from patchcore_milvus.config import DEFAULT_INDEX_PARAMS, SEARCH_PARAM_RULES
-from patchcore_milvus.errors import ConfigError, StoreError
+from patchcore_milvus.errors import ConfigError, IndexTooPoorError
 from patchcore_milvus.exact import ExactSearch
 
 MIN_RECALL = 0.999
@@ -126,7 +126,7 @@ def choose_search_widths(
             )
         wider = _wider(index_type, index_params, params)
         if wider is None:
-            raise StoreError(_too_narrow(index_type, params, recall, len(probes)))
+            raise IndexTooPoorError(_too_narrow(index_type, params, recall, len(probes)))
         say(f"milvus: recall@1 {recall:.4f} at {params}, below {MIN_RECALL}; widening to {wider}")
         params, recall = wider, measure(wider)
     recheck = recheck_params(index_type, index_params, params)
@@ -134,7 +134,7 @@ def choose_search_widths(
     while recheck_recall < 1.0:
         wider = _wider(index_type, index_params, recheck)
         if wider is None:
-            raise StoreError(_too_narrow(index_type, recheck, recheck_recall, len(probes)))
+            raise IndexTooPoorError(_too_narrow(index_type, recheck, recheck_recall, len(probes)))
         recheck, recheck_recall = wider, measure(wider)
     return SearchWidths(params, recheck, recall, recheck_recall, len(probes))
 

@@ -33,6 +33,11 @@ class StoreError(PatchcoreMilvusError):
         self.code = code
 
 
+class IndexTooPoorError(StoreError):
+    """An index that misses some vectors even at its widest search (HNSW: nodes the graph never
+    reaches); another build of it may not."""
+
+
 class StoreUnavailableError(StoreError):
     """Milvus did not answer within the retry time; a later call may succeed (the server restarts)."""
 

@@ -284,3 +284,46 @@ def test_an_append_summary_says_how_the_thresholds_moved_and_when_the_cap_stoppe
     assert "warning: the image threshold rose 9.1 %" in text and "rollback bottle" in text
     assert "warning: the pixel" not in text
     assert "stopped at the cap" in text and "--coreset-ratio or --coreset-size raises it" in text
+
+
+def test_an_hnsw_build_that_misses_vectors_at_its_widest_search_is_rebuilt_denser(tmp_path: Path, good_folder: Path):
+    # A real HNSW graph can leave a node no search reaches (bottle at 1 %: 2 of 2,001). Here the
+    # first check reports it; ingest must rebuild the index with twice the links and record that.
+    from patchcore_milvus import ingest
+    from patchcore_milvus.errors import IndexTooPoorError
+
+    calls = []
+    real = ingest.choose_search_widths
+
+    def first_build_too_poor(*args, **kwargs):
+        calls.append(args[4])  # the index parameters it was checked with
+        if len(calls) == 1:
+            raise IndexTooPoorError("the HNSW index finds ... even at its widest search ({'ef': 32768}); ...")
+        return real(*args, **kwargs)
+
+    config = Config(uri=str(tmp_path / "dense.db"), image_size=64, coreset_ratio=0.25, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ingest, "choose_search_widths", first_build_too_poor)
+        summary = fit_bank("texture", list_images(good_folder), config)
+    assert [params["M"] for params in calls] == [16, 32]
+    assert "index HNSW (M 32, efConstruction 200)" in "\n".join(summary.lines())
+    store = BankStore(config.uri)
+    version = store.resolve("texture")
+    assert store.read_description(version).index.params == {"M": 32, "efConstruction": 200}
+    assert store.client.describe_index(version, "embedding")["params"]["M"] == 32  # what Milvus built
+
+
+def test_an_hnsw_m_the_user_chose_is_never_changed_behind_their_back(tmp_path: Path, good_folder: Path):
+    from patchcore_milvus import ingest
+    from patchcore_milvus.errors import IndexTooPoorError
+
+    def too_poor(*args, **kwargs):
+        raise IndexTooPoorError("the HNSW index finds ... even at its widest search")
+
+    config = Config(
+        uri=str(tmp_path / "fixed.db"), image_size=64, coreset_ratio=0.25, index_params={"M": 8}, progress=False
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ingest, "choose_search_widths", too_poor)
+        with pytest.raises(IndexTooPoorError, match="widest search"):
+            fit_bank("texture", list_images(good_folder), config)

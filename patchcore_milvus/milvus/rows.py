@@ -93,6 +93,12 @@ def build_index(connection: Connection, collection: str, index_type: str, params
     load(connection, collection)
 
 
+def drop_index(connection: Connection, collection: str) -> None:
+    """Release and drop the vector index, so that another can be built."""
+    connection.call("release_collection", lambda c, t: c.release_collection(collection, timeout=t), long=True)
+    connection.call("drop_index", lambda c, t: c.drop_index(collection, VECTOR_FIELD, timeout=t))
+
+
 def load(connection: Connection, collection: str) -> None:
     """Load into memory for search (a no-op when loaded); Milvus Lite releases every collection
     when its file is reopened."""

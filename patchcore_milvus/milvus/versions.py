@@ -170,6 +170,9 @@ class BankStore:
     def build_index(self, collection: str, index_type: str, params: dict[str, Any]) -> None:
         collection_rows.build_index(self.connection, collection, index_type, params)
 
+    def drop_index(self, collection: str) -> None:
+        collection_rows.drop_index(self.connection, collection)
+
     def verify(self, collection: str, expected_rows: int, probe_id: int, search_params: dict[str, Any]) -> None:
         """Refuse to publish a version that is not complete: every row there, the index built,
         the collection loaded, and a stored vector found again at distance 0. Its description is
