@@ -147,8 +147,8 @@ class Config:
     holdout_ratio: float = _option(0.1, "Good images held out for thresholds.")
     holdout_joins: bool = _option(
         True,
-        "Held-out images join the bank once the thresholds are set from them (what they add beyond "
-        "its covering radius), so that the bank learns from every good image, as anomalib's does.",
+        "Held-out images take part in the coreset too, as in anomalib's bank of every good image; "
+        "the thresholds come from scoring them against the bank without their own picks.",
     )
     threshold_sigma: float = _option(4.0, "Threshold margin in std devs.")
     image_threshold: float | None = _option(None, "Override the stored image threshold.")

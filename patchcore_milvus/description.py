@@ -2,7 +2,7 @@
 
 A version's description is stored beside its vectors (see milvus/rows.py) as JSON; these typed
 objects are what the rest of the package reads. `SCHEMA` counts format changes: 1 added the
-measured search widths, 2 the extractor model, 3 the held-out images joining the bank; older
+measured search widths, 2 the extractor model, 3 the held-out images in the bank; older
 descriptions are read with those left out.
 """
 
@@ -98,8 +98,8 @@ class Thresholds:
     sigma: float
     holdout: list[HeldOutImage]
     skipped: list[str] = field(default_factory=list)  # held-out files that could not be read
-    # Vectors the held-out images added to the bank once these thresholds were set (they can only
-    # lower every score); None: they stayed out of it (holdout_joins false, or before schema 3).
+    # Bank vectors picked from the held-out images, left out of the bank these thresholds were set
+    # against; None: the held-out images stayed out of the bank (holdout_joins false, or schema < 3).
     joined: int | None = None
 
 

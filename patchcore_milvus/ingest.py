@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from patchcore_milvus import __version__
 from patchcore_milvus.ann_check import PROBE_PATCHES, SearchWidths, choose_search_widths
-from patchcore_milvus.bank import Bank, bank_extractor, check_extractor
+from patchcore_milvus.bank import Bank, SearchFunction, bank_extractor, check_extractor
 from patchcore_milvus.config import Config
 from patchcore_milvus.coreset import (
     coreset_size,
@@ -62,7 +62,7 @@ class IngestSummary:
     seconds: dict[str, float]
     search: SearchWidths | None  # as measured against exact search before publishing; None if nothing was
     skipped: list[str] = field(default_factory=list)  # unusable files left out, with the reason
-    joined: int | None = None  # vectors the held-out images added once they had set the thresholds
+    joined: int | None = None  # bank vectors picked from the held-out images (holdout_joins)
     # Set by `append_to_bank`: the version grown, new patches outside its coverage, vectors now,
     # whether the picks stopped at the cap, and the grown version's thresholds (image, pixel).
     appended_to: str | None = None
@@ -118,7 +118,7 @@ class IngestSummary:
             *(f"skipped {reason}" for reason in self.skipped),
             f"bank {self.category} -> collection {self.collection}",
             f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds"
-            + ("" if self.joined is None else f", then joined to the bank ({self.joined} vectors added)")
+            + ("" if self.joined is None else f" that joined the coreset afterwards ({self.joined} of its vectors)")
             + (f", {len(self.skipped)} unusable files skipped" if self.skipped else ""),
             bank,
             f"search: {_params(self.search.params)} (recall@1 {self.search.recall_at_1:.4f} against exact search on "
@@ -139,7 +139,7 @@ class BankContents:
 
     rows: BankRows
     probes: np.ndarray  # (m, dim) training patches the coreset left out: real queries with known answers
-    calibration: int  # the first rows, without what the held-out images add: the thresholds' bank
+    calibration: np.ndarray  # the rows the thresholds are set against: all but the held-out images' picks
 
 
 def probe_rows(n_rows: int, picks: np.ndarray, seed: int, count: int = PROBE_PATCHES) -> np.ndarray:
@@ -171,11 +171,13 @@ def extract_patches(
     progress: bool,
     strict: bool = False,
     held_out: int = 0,
+    bank_images: int | None = None,
 ) -> PatchSet:
     """Features of every patch of `paths`, appended to `folder/patches.f32` batch by batch.
 
     A file that is not a usable image is skipped, its reason kept in `skipped` (`strict`: raised).
-    `held_out`: how many more images the caller set aside, for the message when none is usable.
+    `held_out`: how many images the caller set aside, and `bank_images` how many of `paths` are
+    not those (default: all), for the message when none is usable.
     Plain file writes, not a writable memory map: written pages stay in the page cache, which
     the kernel can drop, instead of in the process' resident memory.
     """
@@ -227,15 +229,19 @@ def extract_patches(
             image = np.repeat(np.array(indices), h * w)
             positions.append(np.column_stack([image, np.tile(grid, (n, 1))]).astype(np.int32))
     if rows == 0:
-        aside = f" ({held_out} more set aside for the thresholds)" if held_out else ""
-        reasons = "\n  ".join(skipped)
-        raise ImageError(f"none of the {len(paths)} images for the bank could be used{aside}:\n  {reasons}")
+        raise _none_usable(len(paths) if bank_images is None else bank_images, held_out, skipped)
     return PatchSet(
         full=np.memmap(target, dtype=np.float32, mode="r", shape=(rows, features.dim)),
         projected=projected[:rows],
         positions=np.concatenate(positions),
         skipped=skipped,
     )
+
+
+def _none_usable(bank_images: int, held_out: int, reasons: list[str]) -> ImageError:
+    aside = f" ({held_out} more set aside for the thresholds)" if held_out else ""
+    listed = "\n  ".join(reasons)
+    return ImageError(f"none of the {bank_images} images for the bank could be used{aside}:\n  {listed}")
 
 
 # Bytes each training patch holds in memory during an ingest besides its projection: its position
@@ -375,11 +381,15 @@ def _ingest(
     )
     seconds: dict[str, float] = {}
     remove_stale_work_folders()
+    # Joining: the held-out images' patches go into the coreset selection too (last, so that image
+    # index >= len(bank_idx) marks them); the thresholds come from the bank without their picks.
+    joins = config.holdout_joins and held_idx.size > 0
+    order = np.concatenate([bank_idx, held_idx]) if joins else bank_idx
     with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as work:
         t = time.perf_counter()
         patches = extract_patches(
             features,
-            [images[i] for i in bank_idx],
+            [images[i] for i in order],
             config.batch_size,
             projection.projection_dim,
             projection.seed,
@@ -387,10 +397,11 @@ def _ingest(
             config.progress,
             config.strict,
             held_out=len(held_idx),
+            bank_images=len(bank_idx),
         )
-        held = None
-        if config.holdout_joins and held_idx.size:
-            held = _held_out_patches(features, [images[i] for i in held_idx], projection, Path(work), config)
+        from_held = patches.positions[:, 0] >= len(bank_idx)
+        if from_held.all():  # only held-out images could be read
+            raise _none_usable(len(bank_idx), len(held_idx), patches.skipped)
         seconds["features"] = time.perf_counter() - t
         t = time.perf_counter()
         n_patches = len(patches.positions)
@@ -398,21 +409,14 @@ def _ingest(
         if grown is None:
             picks, radius = greedy_coreset(patches.projected, limit, config.seed, config.progress)
             far = n_patches
-            calibration_bank = patches.projected[torch.as_tensor(picks)]
         else:
             old = _projected(grown, features.dim)
             picks, far = _beyond_radius(patches.projected, old, grown.description.coreset.radius, limit)
             radius = grown.description.coreset.radius
-            calibration_bank = torch.cat([old, patches.projected[torch.as_tensor(picks)]])
-        joined = np.empty(0, dtype=np.int64)
-        if held is not None and len(picks):
-            # What the held-out images add, once they have set the thresholds (see _publish).
-            joined_limit = coreset_size(len(held.positions), config.coreset_ratio, None)
-            joined, _ = _beyond_radius(held.projected, calibration_bank, radius, joined_limit)
-        del calibration_bank
         seconds["coreset"] = time.perf_counter() - t
         used = np.unique(patches.positions[:, 0])
-        counts = {"images": len(used), "patches": n_patches, "coreset_size": len(picks), "far_patches": far}
+        used_bank = used[used < len(bank_idx)]
+        counts = {"images": len(used_bank), "patches": n_patches, "coreset_size": len(picks), "far_patches": far}
         if grown is not None and len(picks) == 0:
             return _summary(
                 category,
@@ -427,19 +431,19 @@ def _ingest(
                 bank_size=len(grown.rows),
                 **counts,
             )
-        new = _rows(patches, picks, [names[i] for i in bank_idx])
-        rows = new if grown is None else grown.rows.concatenate(new)
+        new = _rows(patches, picks, [names[i] for i in order])
+        offset = 0 if grown is None else len(grown.rows)
         contents = BankContents(
-            rows=rows if held is None else rows.concatenate(_rows(held, joined, [names[i] for i in held_idx])),
+            rows=new if grown is None else grown.rows.concatenate(new),
             probes=patches.full[probe_rows(n_patches, picks, config.seed)],
-            calibration=len(rows),
+            calibration=np.concatenate([np.arange(offset), offset + np.flatnonzero(~from_held[picks])]),
         )
-        skipped = patches.skipped
-        held_used = [] if held is None else [names[held_idx[i]] for i in np.unique(held.positions[:, 0])]
-        held_patches = 0 if held is None else len(held.positions)
-    del patches, held  # the projected features go; the memory-mapped files went with the folder
+        # The held-out files that could not be read are reported by the thresholds' own pass.
+        aside = tuple(f"{images[i]}: " for i in held_idx)
+        skipped = [reason for reason in patches.skipped if not reason.startswith(aside)]
+    del patches  # the projected features go; the memory-mapped file went with the folder
 
-    part = TrainingImages(str(root), [*(names[bank_idx[i]] for i in used), *held_used])
+    part = TrainingImages(str(root), [names[order[i]] for i in used])
     index = IndexDescription(config.index_type, config.effective_index_params)
     if grown is None:
         description = BankDescription(
@@ -453,7 +457,7 @@ def _ingest(
                 config.seed,
                 config.coreset_ratio,
                 len(contents.rows),
-                n_patches + held_patches,
+                n_patches,
                 radius,
             ),
             index=index,
@@ -468,9 +472,7 @@ def _ingest(
             package_version=__version__,
             created=_now(),
             origin=f"append to {grown.version}",
-            coreset=replace(
-                old.coreset, size=len(contents.rows), patches=old.coreset.patches + n_patches + held_patches
-            ),
+            coreset=replace(old.coreset, size=len(contents.rows), patches=old.coreset.patches + n_patches),
             index=index,
             training_images=[*old.training_images, replace(part, far_patches=far, added=len(picks))],
             search=None,
@@ -543,19 +545,15 @@ def _beyond_radius(projected: torch.Tensor, bank: torch.Tensor, radius: float, l
     return far[torch.as_tensor(extended)].numpy(), len(far)
 
 
-def _held_out_patches(
-    features: FeaturePipeline, paths: list[Path], projection: Config, work: Path, config: Config
-) -> PatchSet | None:
-    """The held-out images' patches, to join the bank after the thresholds (None: none usable;
-    the thresholds' own pass names the unusable ones)."""
-    folder = work / "held-out"
-    folder.mkdir()
-    try:
-        return extract_patches(
-            features, paths, config.batch_size, projection.projection_dim, projection.seed, folder, config.progress
-        )
-    except ImageError:
-        return None
+def _subset_search(vectors: np.ndarray, keep: np.ndarray) -> SearchFunction:
+    """Exact search over `vectors[keep]` that answers with the ids of the whole version."""
+    exact = ExactSearch(vectors[keep])
+
+    def search(_: str, queries: np.ndarray, k: int, __: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        distances, ids = exact(queries, k)
+        return distances, np.where(ids >= 0, keep[np.maximum(ids, 0)], -1)
+
+    return search
 
 
 def _rows(patches: PatchSet, picks: np.ndarray, names: list[str]) -> BankRows:
@@ -654,11 +652,15 @@ def _publish(
         exact = ExactSearch(rows.vectors)
         exact_bank = Bank.pinned(store, collection, description, features, config, lambda _, q, k, __: exact(q, k))
         calibration_bank = exact_bank
-        if contents.calibration < len(rows):  # thresholds from the bank without the held-out images' patches
-            before = ExactSearch(rows.vectors[: contents.calibration])
-            smaller = replace(description, coreset=replace(description.coreset, size=contents.calibration))
+        keep = contents.calibration
+        if len(keep) < len(rows):  # thresholds from the bank without the held-out images' own picks
             calibration_bank = Bank.pinned(
-                store, collection, smaller, features, config, lambda _, q, k, __: before(q, k)
+                store,
+                collection,
+                replace(description, coreset=replace(description.coreset, size=len(keep))),
+                features,
+                config,
+                _subset_search(rows.vectors, keep),
             )
         thresholds = _calibrate_thresholds(
             calibration_bank,
@@ -669,7 +671,7 @@ def _publish(
             config,
         )
         if config.holdout_joins and held_out:
-            thresholds = replace(thresholds, joined=len(rows) - contents.calibration)
+            thresholds = replace(thresholds, joined=len(rows) - len(keep))
         description = replace(description, thresholds=thresholds)
         seconds["thresholds"] = time.perf_counter() - t
         _say(config, f"milvus: verifying {collection}, then publishing it as {category}")

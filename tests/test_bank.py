@@ -18,7 +18,9 @@ from patchcore_milvus.milvus import sidecar
 def fitted(good_folder: Path, small_config: Config) -> Config:
     summary = fit_bank("texture", list_images(good_folder), small_config)
     assert summary.images == 6 and summary.holdout_images == 2
-    assert summary.patches == 6 * 8 * 8 and summary.coreset_size == 96 and summary.dim == 152
+    # The held-out images' patches are in the coreset selection too (holdout_joins).
+    assert summary.patches == 8 * 8 * 8 and summary.coreset_size == 128 and summary.dim == 152
+    assert 0 < summary.joined < 128
     assert summary.image_threshold is not None and summary.pixel_threshold is not None
     return small_config
 
@@ -44,9 +46,9 @@ def test_description_records_the_model(fitted: Config):
     description = store.read_description(store.resolve("texture"))
     assert description.extractor.backbone == "efficientnet_lite0"
     assert len(description.extractor.weights_sha256) == 64
-    # 25 % of the 6 bank images' 384 patches, then what the 2 held-out images add beyond its radius.
-    joined = description.thresholds.joined
-    assert 0 < joined <= 32 and description.coreset.size == 96 + joined and description.coreset.patches == 512
+    # 25 % of all 8 images' 512 patches, some of them from the 2 held-out images.
+    assert 0 < description.thresholds.joined < 128
+    assert description.coreset.size == 128 and description.coreset.patches == 512
     assert description.coreset.projection_seed == 0
     [training] = description.training_images
     assert len(training.bank) == 8 and description.origin == "ingest"
@@ -174,9 +176,8 @@ def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Conf
 
     summary = append_to_bank("texture", list_images(variant), fitted, store=store)
     assert summary.appended_to == old and summary.images == 6 and summary.holdout_images == 2
-    assert 0 < summary.coreset_size <= summary.far_patches <= summary.patches == 6 * 64
-    # The old bank, the new images' picks, then what their 2 held-out images add beyond both.
-    assert 0 < summary.joined <= 32 and summary.bank_size == old_size + summary.coreset_size + summary.joined
+    assert 0 < summary.coreset_size <= summary.far_patches <= summary.patches == 8 * 64
+    assert 0 < summary.joined <= summary.coreset_size and summary.bank_size == old_size + summary.coreset_size
     new = store.resolve("texture")
     np.testing.assert_array_equal(store.read_vectors(new)[:old_size], store.read_vectors(old))  # nothing old is lost
     after = [r.image_score for _, r in Bank.open("texture", fitted, store=store).score_paths(queries)]

@@ -47,7 +47,7 @@ def ingested(good_folder: Path, db: str) -> str:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "coreset: 96 x 152 dims, index IVF_FLAT" in result.output
+    assert "coreset: 128 x 152 dims, index IVF_FLAT" in result.output  # 25 % of all 8 images' patches
     assert "images: 6 in the bank, 2 held out" in result.output
     return db
 
@@ -185,7 +185,7 @@ def test_collections_and_drop(ingested: str):
     header, row = listing.output.splitlines()
     assert header.split()[:6] == ["category", "vectors", "dim", "index", "backbone", "created"]
     store = BankStore(ingested)
-    vectors = store.vector_count(store.resolve("texture"))  # 96 picks and what the held-out images add
+    vectors = store.vector_count(store.resolve("texture"))
     assert row.split()[:5] == ["texture", str(vectors), "152", "IVF_FLAT", "efficientnet_lite0"]
     declined = CliRunner().invoke(main, ["drop", "texture", "--uri", ingested], input="n\n")
     assert declined.exit_code == 0 and "(1 version(s), none kept)?" in declined.output
