@@ -88,6 +88,7 @@ class HeldOutImage:
     path: str  # where it was read
     score: float  # image score
     map_max: float  # largest anomaly-map value
+    in_bank: bool = False  # its patches took part in the bank's coreset (holdout_joins; schema 3)
 
 
 @dataclass(frozen=True)

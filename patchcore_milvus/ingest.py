@@ -464,7 +464,6 @@ def _ingest(
             training_images=[part],
         )
         earlier: list[HeldOutImage] = []
-        rescore = False
     else:
         old = grown.description
         description = replace(
@@ -480,15 +479,8 @@ def _ingest(
             extractor_model=None,
         )
         earlier = old.thresholds.holdout if old.thresholds else []
-        rescore = True
-        if old.thresholds is not None and old.thresholds.joined is not None:
-            # Those images are in the bank now: scored again they would come out near 0. Their
-            # recorded scores stand (the bank only grew since: they can only be too high).
-            rescore = False
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection, description = _publish(
-        store, features, config, contents, description, held_out, (earlier, rescore), seconds
-    )
+    collection, description = _publish(store, features, config, contents, description, held_out, earlier, seconds)
     assert description.thresholds is not None  # _publish calibrated them
     return _summary(
         category,
@@ -600,7 +592,7 @@ def _publish(
     contents: BankContents,
     description: BankDescription,
     held_out: list[tuple[Path, str]],
-    earlier_holdout: tuple[list[HeldOutImage], bool],
+    earlier_holdout: list[HeldOutImage],
     seconds: dict[str, float],
 ) -> tuple[str, BankDescription]:
     """Store the rows as a new version, check its search against exact search, calibrate its
@@ -702,7 +694,7 @@ def _calibrate_thresholds(
     exact_bank: Bank,
     milvus_bank: Bank,
     held_out: list[tuple[Path, str]],
-    earlier_holdout: tuple[list[HeldOutImage], bool],
+    earlier: list[HeldOutImage],
     config: Config,
 ) -> Thresholds:
     """Score the held-out good images and derive both thresholds.
@@ -710,18 +702,19 @@ def _calibrate_thresholds(
     The thresholds come from exact search over the bank without the held-out images' own patches
     (`calibration_bank`; the version itself where they do not join it). The same images scored
     through Milvus must agree with exact search over the version's vectors (`SCORE_TOLERANCE`), or
-    the version is not published. `earlier_holdout`: held-out images of the bank this one grows
-    (`append`), and whether to score them again: where their files are still at their recorded
-    path and they never joined that bank; else their recorded scores stand (the bank only grew,
-    so those can only be too high: the thresholds err on the side of fewer false alarms).
-    Unusable files are skipped and listed (`strict`: raised)."""
-    earlier, rescore = earlier_holdout
-    rescored = [(Path(e.path), e.image) for e in earlier if rescore and Path(e.path).is_file()]
-    kept = [e for e in earlier if not (rescore and Path(e.path).is_file())]
-    to_score = [*held_out, *rescored]
+    the version is not published. `earlier`: held-out images of the bank this one grows
+    (`append`), scored again where their files are still at their recorded path and they are not
+    in the bank themselves (scored against their own patches they would come out near 0); else
+    their recorded scores stand (the bank only grew since, so those can only be too high: the
+    thresholds err on the side of fewer false alarms). Unusable files are skipped and listed
+    (`strict`: raised)."""
+    again = [e for e in earlier if not e.in_bank and Path(e.path).is_file()]
+    kept = [e for e in earlier if e not in again]
+    joins = config.holdout_joins
+    to_score = [(path, name, joins) for path, name in held_out] + [(Path(e.path), e.image, False) for e in again]
     entries, skipped = [], []
     for start in range(0, len(to_score), config.batch_size):
-        batch = {str(path): name for path, name in to_score[start : start + config.batch_size]}
+        batch = {str(path): (name, in_bank) for path, name, in_bank in to_score[start : start + config.batch_size]}
         extracted = calibration_bank.load_and_extract([Path(path) for path in batch])
         for _, error in extracted.errors:
             if config.strict:
@@ -739,7 +732,8 @@ def _calibrate_thresholds(
                 )
         for result in calibrated:
             score, map_max = round(result.image_score, 6), round(float(result.anomaly_map.max()), 6)
-            entries.append(HeldOutImage(batch[result.path], result.path, score, map_max))
+            name, in_bank = batch[result.path]
+            entries.append(HeldOutImage(name, result.path, score, map_max, in_bank))
     entries += kept
     sigma = config.threshold_sigma
     image = calibrate(np.array([e.score for e in entries]), sigma) if entries else None

@@ -186,6 +186,11 @@ def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Conf
     description = store.read_description(new)
     assert description.origin == f"append to {old}" and len(description.training_images) == 2
     assert len(description.thresholds.holdout) == 4  # old and new held-out images
+    # The old ones are in the bank themselves (holdout_joins): their recorded scores stand, never a
+    # new score against their own patches; the new ones took part in this append's picks.
+    earlier = store.read_description(old).thresholds.holdout
+    assert all(e.in_bank for e in earlier) and set(earlier) <= set(description.thresholds.holdout)
+    assert all(e.in_bank for e in description.thresholds.holdout)
 
     again = append_to_bank("texture", list_images(good_folder), fitted, store=store)  # nothing new in these
     assert again.coreset_size < 0.1 * summary.coreset_size + 2
@@ -328,3 +333,13 @@ def test_an_hnsw_m_the_user_chose_is_never_changed_behind_their_back(tmp_path: P
         patch.setattr(ingest, "choose_search_widths", too_poor)
         with pytest.raises(IndexTooPoorError, match="widest search"):
             fit_bank("texture", list_images(good_folder), config)
+
+
+def test_held_out_images_set_the_thresholds_without_their_own_picks(fitted: Config):
+    # They are in the coreset (holdout_joins): scored against the whole bank they would meet their
+    # own patches. The recorded scores come from the bank without those, so they are higher.
+    bank = Bank.open("texture", fitted).with_exact_search()
+    entries = bank.store.read_description(bank.version).thresholds.holdout
+    against_all = {str(path): result.image_score for path, result in bank.score_paths([Path(e.path) for e in entries])}
+    assert all(against_all[e.path] <= e.score + 1e-4 for e in entries)
+    assert any(against_all[e.path] < e.score - 1e-3 for e in entries)
