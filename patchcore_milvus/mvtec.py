@@ -69,12 +69,13 @@ def labelled_test_images(category_root: Path, strict_masks: bool = False) -> lis
     return images
 
 
-def ground_truth(image: LabelledImage, size: int) -> np.ndarray | None:
-    """The image's defect mask as booleans, resized to `size` x `size` (all False for a good image;
-    None for a defect image without a mask)."""
+def ground_truth(image: LabelledImage, size: int | tuple[int, int]) -> np.ndarray | None:
+    """The image's defect mask as booleans, resized to `size` x `size` or to `size` = (width,
+    height) (all False for a good image; None for a defect image without a mask)."""
     if not image.has_truth:
         return None
+    width, height = (size, size) if isinstance(size, int) else size
     if image.mask_path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((height, width), dtype=bool)
     mask = load_rgb(image.mask_path).convert("L")  # a damaged mask is an ImageError naming it
-    return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) > 0
+    return np.asarray(mask.resize((width, height), Image.Resampling.NEAREST)) > 0

@@ -14,7 +14,7 @@ from patchcore_milvus import __version__
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.evaluate import HEADLINE_METRICS, VERSUS_EXACT, CategoryEvaluation
 from patchcore_milvus.files import save_atomically
-from patchcore_milvus.mvtec import GOOD
+from patchcore_milvus.mvtec import GOOD, ground_truth
 from patchcore_milvus.visualize import overlay_figure
 
 THRESHOLD_KEYS = ("image_f1", "accuracy", "pixel_f1", "pixel_iou")
@@ -249,11 +249,13 @@ def worst_cases(evaluation: CategoryEvaluation, threshold: float | None, count: 
 
 
 def contact_sheet(evaluation: CategoryEvaluation, bank: Bank, target: Path, tile: int = 600) -> Path:
-    """Overlays of the worst cases in a grid of 3 columns, each under a readable label.
+    """Overlays of the worst cases in a grid of 3 columns, each under a readable label, the
+    ground truth outlined on the original beside the predicted outline.
 
     The chosen images are scored again, so that no full-size map had to be kept in memory.
     """
     chosen = worst_cases(evaluation, bank.image_threshold)
+    labelled = {evaluation.images[i].path: evaluation.images[i] for i in chosen}
     threshold = bank.image_threshold
     font = ImageFont.load_default(size=18)
     label_height = 26
@@ -266,7 +268,8 @@ def contact_sheet(evaluation: CategoryEvaluation, bank: Bank, target: Path, tile
             kind = "FALSE POSITIVE" if result.image_score > threshold else "good, near miss"
         else:
             kind = "FALSE NEGATIVE" if result.image_score <= threshold else "defect, near miss"
-        figure = overlay_figure(result, title=f"{path.parent.name}/{path.name}")
+        truth = ground_truth(labelled[path], result.image.size)
+        figure = overlay_figure(result, title=f"{path.parent.name}/{path.name}", truth=truth)
         figure = figure.resize((tile, round(tile * figure.height / figure.width)))
         framed = Image.new("RGB", (tile, figure.height + label_height), "white")
         framed.paste(figure, (0, label_height))

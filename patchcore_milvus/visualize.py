@@ -15,6 +15,7 @@ from patchcore_milvus.files import save_atomically
 # Anchors of a blue -> cyan -> green -> yellow -> red map (like "jet"), interpolated linearly.
 _COLORMAP = np.array([[0, 0, 143], [0, 112, 255], [0, 220, 160], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
 OK_COLOR, DEFECT_COLOR, OUTLINE_COLOR = (0, 150, 60), (210, 0, 0), (255, 0, 255)
+TRUTH_COLOR = (0, 200, 255)  # the ground-truth outline on evaluate's sheet
 # Each panel of the figure is drawn at most this many pixels on its longer side: outlining the
 # defect of a 12,000 x 12,000 image at full size took over ten minutes. The map and the mask
 # files keep the image's own size.
@@ -36,11 +37,12 @@ def display_range(inspection: Inspection) -> tuple[float, float]:
     return float(inspection.anomaly_map.min()), float(inspection.anomaly_map.max())
 
 
-def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Image:
+def overlay_figure(inspection: Inspection, title: str | None = None, truth: np.ndarray | None = None) -> Image.Image:
     """Original | overlay side by side, under a caption (`title`, default the file name) with
     score, both thresholds and verdict, and a line with the colour bar (its fixed scale, the
     pixel threshold marked) and what the outline means; each panel at most PANEL_SIDE pixels on
-    its longer side."""
+    its longer side. `truth` (a boolean mask at the image's size): the ground truth, outlined on
+    the original beside the predicted outline on the overlay, so that a miss shows at a glance."""
     image, amap, mask = inspection.image, inspection.anomaly_map, inspection.mask
     scale = PANEL_SIDE / max(image.size)
     if scale < 1:
@@ -49,20 +51,18 @@ def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Im
         amap = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
         if mask is not None:
             mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    if truth is not None and truth.shape != (image.height, image.width):
+        resized = Image.fromarray(truth.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
+        truth = np.asarray(resized) > 0
     low, high = display_range(inspection)
     normalised = (amap - low) / max(high - low, 1e-12)
     heat = Image.fromarray(heat_colors(normalised))
     overlay = Image.blend(image, heat, 0.45)
     outlined = mask is not None and bool(mask.any())
     if outlined:
-        width = max(1, image.width // 300)
-        region = Image.fromarray(mask.astype(np.uint8) * 255)
-        edge = np.asarray(region.filter(ImageFilter.MaxFilter(2 * width + 1))) != np.asarray(
-            region.filter(ImageFilter.MinFilter(2 * width + 1))
-        )
-        pixels = np.asarray(overlay).copy()
-        pixels[edge] = OUTLINE_COLOR
-        overlay = Image.fromarray(pixels)
+        overlay = _outlined(overlay, mask, OUTLINE_COLOR)
+    if truth is not None and truth.any():
+        image = _outlined(image, truth, TRUTH_COLOR)
     font_size = max(14, image.width // 35)
     font = ImageFont.load_default(size=font_size)
     line = int(font_size * 1.8)
@@ -78,8 +78,20 @@ def overlay_figure(inspection: Inspection, title: str | None = None) -> Image.Im
     )
     color = DEFECT_COLOR if verdict == "DEFECT" else OK_COLOR if verdict == "OK" else (0, 0, 0)
     draw.text((font_size // 2, font_size // 3), text, fill=color, font=font)
-    _legend(draw, figure, inspection, (low, high), outlined, line, font)
+    _legend(draw, figure, inspection, (low, high), outlined, truth is not None, line, font)
     return figure
+
+
+def _outlined(image: Image.Image, region: np.ndarray, color: tuple[int, int, int]) -> Image.Image:
+    """`image` with the border of `region` (booleans, its size) drawn in `color`."""
+    width = max(1, image.width // 300)
+    mask = Image.fromarray(region.astype(np.uint8) * 255)
+    edge = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * width + 1))) != np.asarray(
+        mask.filter(ImageFilter.MinFilter(2 * width + 1))
+    )
+    pixels = np.asarray(image).copy()
+    pixels[edge] = color
+    return Image.fromarray(pixels)
 
 
 def _legend(
@@ -88,15 +100,23 @@ def _legend(
     inspection: Inspection,
     scale: tuple[float, float],
     outlined: bool,
+    truth: bool,
     line: int,
     font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
 ) -> None:
-    """The second caption line: over the original, what the outline means; over the overlay, the
+    """The second caption line: over the original, what the outlines mean; over the overlay, the
     colour bar from `scale`'s low to high end, with the pixel threshold marked."""
     half, size = figure.width // 2, int(font.size)
     top = line + size // 3
-    if outlined:
-        draw.rectangle((size // 2, top, size // 2 + size, top + size), outline=OUTLINE_COLOR, width=max(2, size // 6))
+    box = max(2, size // 6)
+    if truth:  # evaluate's sheet: both outlines named, briefly
+        draw.rectangle((size // 2, top, size // 2 + size, top + size), outline=TRUTH_COLOR, width=box)
+        draw.text((2 * size, top), "ground truth", fill=(0, 0, 0), font=font)
+        left = 2 * size + int(draw.textlength("ground truth  ", font=font))
+        draw.rectangle((left, top, left + size, top + size), outline=OUTLINE_COLOR, width=box)
+        draw.text((left + 3 * size // 2, top), "predicted", fill=(0, 0, 0), font=font)
+    elif outlined:
+        draw.rectangle((size // 2, top, size // 2 + size, top + size), outline=OUTLINE_COLOR, width=box)
         draw.text((2 * size, top), "outline: map above the pixel threshold", fill=(0, 0, 0), font=font)
     elif inspection.verdict == "OK":
         draw.text((size // 2, top), "OK: no region outlined", fill=OK_COLOR, font=font)

@@ -112,3 +112,25 @@ def test_the_overlay_carries_its_colour_bar_and_says_what_the_outline_means():
     for end in (heat_colors(np.array(0.0)), heat_colors(np.array(1.0))):  # both ends of the scale
         assert (header == end).all(axis=-1).any()
     assert (header == OUTLINE_COLOR).all(axis=-1).any()  # the legend's swatch beside its words
+
+
+def test_evaluate_s_sheet_outlines_the_ground_truth_on_the_original_beside_the_prediction():
+    import numpy as np
+
+    from patchcore_milvus.visualize import OUTLINE_COLOR, TRUTH_COLOR, overlay_figure
+
+    amap = np.zeros((200, 300), dtype=np.float32)
+    amap[20:60, 30:90] = 10.0  # predicted here
+    truth = np.zeros((200, 300), dtype=bool)
+    truth[120:180, 200:280] = True  # the defect is elsewhere: a mislocation, plain to see
+    inspection = inspection_of(amap, 12.0, 5.0, 5.0, "crack.png")
+    figure = np.asarray(overlay_figure(inspection, truth=truth))
+    caption = figure.shape[0] - 200
+    original, overlay = figure[caption:, :300], figure[caption:, 300:]
+    truth_pixels = np.argwhere((original == TRUTH_COLOR).all(axis=-1))
+    assert len(truth_pixels) and truth_pixels[:, 0].min() >= 115 and truth_pixels[:, 1].min() >= 195
+    assert not (overlay == TRUTH_COLOR).all(axis=-1).any()
+    predicted = np.argwhere((overlay == OUTLINE_COLOR).all(axis=-1))
+    assert len(predicted) and predicted[:, 0].max() <= 65
+    assert (figure[:caption] == TRUTH_COLOR).all(axis=-1).any()  # the legend names it
+    assert not (np.asarray(overlay_figure(inspection)) == TRUTH_COLOR).all(axis=-1).any()
