@@ -118,7 +118,7 @@ class IngestSummary:
             *(f"skipped {reason}" for reason in self.skipped),
             f"bank {self.category} -> collection {self.collection}",
             f"images: {self.images} in the bank, {self.holdout_images} held out for thresholds"
-            + ("" if self.joined is None else f" that joined the coreset afterwards ({self.joined} of its vectors)")
+            + ("" if self.joined is None else f", their patches in the coreset too ({self.joined} of its vectors)")
             + (f", {len(self.skipped)} unusable files skipped" if self.skipped else ""),
             bank,
             f"search: {_params(self.search.params)} (recall@1 {self.search.recall_at_1:.4f} against exact search on "
