@@ -120,10 +120,9 @@ def choose_search_widths(
         found, found_ids = search(probes[rows], 1, width)
         return (found_ids[:, 0] == exact_ids[rows, 0]) | same_distance(found[:, 0], exact[rows, 0], norms[rows])
 
-    def measure(width: dict[str, Any]) -> float:
-        return float(hits(width, np.arange(len(probes))).mean())
-
-    recall = measure(params)
+    every = np.arange(len(probes))
+    found = hits(params, every)
+    recall = float(found.mean())
     while recall < MIN_RECALL:
         if fixed:
             raise ConfigError(
@@ -135,19 +134,24 @@ def choose_search_widths(
         if wider is None:
             raise IndexTooPoorError(_too_narrow(index_type, params, recall, len(probes)))
         say(f"milvus: recall@1 {recall:.4f} at {params}, below {MIN_RECALL}; widening to {wider}")
-        params, recall = wider, measure(wider)
+        params, found = wider, hits(wider, every)
+        recall = float(found.mean())
     # The recheck is measured on the probes the search width missed: a wider HNSW beam (or more
     # IVF lists) explores a superset, so a probe found at the search width is found at the recheck
     # width too, and a wide recheck (ef 4096) over every probe would cost Lite ~20 s per ingest.
-    missed = np.flatnonzero(~hits(params, np.arange(len(probes))))
+    missed = np.flatnonzero(~found)
     recheck = recheck_params(index_type, index_params, params)
-    recheck_recall = 1.0 - (~hits(recheck, missed)).sum() / len(probes) if missed.size else 1.0
+
+    def recheck_recall_at(width: dict[str, Any]) -> float:
+        return 1.0 - float((~hits(width, missed)).sum()) / len(probes) if missed.size else 1.0
+
+    recheck_recall = recheck_recall_at(recheck)
     while recheck_recall < 1.0:
         wider = _wider(index_type, index_params, recheck)
         if wider is None:
             raise IndexTooPoorError(_too_narrow(index_type, recheck, recheck_recall, len(probes)))
-        recheck, recheck_recall = wider, 1.0 - (~hits(wider, missed)).sum() / len(probes)
-    return SearchWidths(params, recheck, recall, float(recheck_recall), len(probes))
+        recheck, recheck_recall = wider, recheck_recall_at(wider)
+    return SearchWidths(params, recheck, recall, recheck_recall, len(probes))
 
 
 def _too_narrow(index_type: str, params: dict[str, Any], recall: float, probes: int) -> str:
