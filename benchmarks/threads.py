@@ -20,6 +20,7 @@ LAYOUTS = {"all cores each": os.cpu_count() or 1, "half the cores each (default)
 
 
 def child(uri: str, search: str, threads: int | None, data: Path) -> None:
+    import patchcore_milvus.mirror
     import patchcore_milvus.replica
     from patchcore_milvus.bank import Bank
     from patchcore_milvus.config import Config
@@ -27,6 +28,7 @@ def child(uri: str, search: str, threads: int | None, data: Path) -> None:
 
     if threads is not None:
         patchcore_milvus.replica.stage_threads = lambda: threads  # faiss' threads of the replica
+        patchcore_milvus.mirror.stage_threads = lambda: threads  # and of the exact recheck
     bank = Bank.open("bottle", Config(uri=uri, progress=False, search=search, num_threads=threads))
     paths = list_images(data / "bottle" / "test", recursive=True)
     list(bank.score_paths(paths[:8]))

@@ -10,8 +10,9 @@ searches stay in the bank partition).
 
 So ingest measures the search it will publish (`choose_search_widths`): the width (HNSW `ef`,
 IVF `nprobe`) that stations use for every patch must find the exact nearest neighbour of at least
-`MIN_RECALL` of the probe patches, and the wider *recheck* search, which scoring uses to settle
-each image's largest distances (`scoring.settle_largest`), must find it for all of them.
+`MIN_RECALL` of the probe patches. Each image's largest distances, which make its score, are
+then searched exactly at the station (`scoring.settle_largest`, mirror.py): a wider HNSW search
+measured on training probes would be a margin, not a guarantee, for defect patches unlike them.
 """
 
 from __future__ import annotations
@@ -28,11 +29,6 @@ from patchcore_milvus.exact import ExactSearch
 
 MIN_RECALL = 0.999
 PROBE_PATCHES = 4096
-# The widest HNSW search the recheck starts from, whatever the bank's own width. At ef 1024
-# Lite's HNSW missed a bottle defect patch's exact neighbour (an outlier corner patch among the
-# coreset's first picks; broken_small/018.png scored 77.85 instead of 75.35), found at 4096.
-# Training probes, which the ingest check uses, are no such queries: a margin, not a proof.
-RECHECK_MIN_EF = 4096
 
 # (queries, top_k, search params) -> (Euclidean distances, ids), each (n, top_k).
 Search = Callable[[np.ndarray, int, dict[str, Any]], tuple[np.ndarray, np.ndarray]]
@@ -62,9 +58,7 @@ class SearchWidths:
     """The search parameters a bank version was published with, and how they measured."""
 
     params: dict[str, Any]  # every patch
-    recheck: dict[str, Any]  # the largest distances of each image, and the eq. 7 neighbours
     recall_at_1: float  # of `params`, on `probes` patches
-    recheck_recall_at_1: float
     probes: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,27 +66,17 @@ class SearchWidths:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchWidths:
-        return cls(**values)
-
-
-def recheck_params(index_type: str, index_params: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A much wider search than `params`: HNSW at 4 times the ef (at least `RECHECK_MIN_EF`),
-    IVF over every list (exhaustive, so exact up to the quantisation of IVF_SQ8). Ingest widens it further
-    where it misses a probe."""
-    [(name, value)] = params.items()
-    if name == "ef":
-        return {"ef": min(SEARCH_PARAM_RULES[index_type]["ef"][1], max(RECHECK_MIN_EF, 4 * value))}
-    return {"nprobe": _nlist(index_type, index_params)}
-
-
-def _nlist(index_type: str, index_params: dict[str, Any]) -> int:
-    return int({**DEFAULT_INDEX_PARAMS[index_type], **index_params}["nlist"])
+        """Also from a description before schema 4, whose recheck width no station uses now."""
+        return cls(values["params"], values["recall_at_1"], values["probes"])
 
 
 def _wider(index_type: str, index_params: dict[str, Any], params: dict[str, Any]) -> dict[str, Any] | None:
-    """Twice the width, None at the widest."""
+    """Twice the width, None at the widest (HNSW's largest ef; IVF: every list)."""
     [(name, value)] = params.items()
-    limit = SEARCH_PARAM_RULES[index_type][name][1] if name == "ef" else _nlist(index_type, index_params)
+    if name == "ef":
+        limit = SEARCH_PARAM_RULES[index_type]["ef"][1]
+    else:
+        limit = int({**DEFAULT_INDEX_PARAMS[index_type], **index_params}["nlist"])
     return None if value >= limit else {name: min(limit, 2 * value)}
 
 
@@ -109,20 +93,17 @@ def choose_search_widths(
     """Measure `search` (a new bank version holding `bank`) against exact search on `probes`.
 
     `params` (the configured width) is widened, doubling, until its recall@1 reaches
-    `MIN_RECALL`, unless `fixed` (the user chose it): then a shortfall is refused. The recheck
-    width must find every probe's exact neighbour. Refused where the widest search cannot.
+    `MIN_RECALL`, unless `fixed` (the user chose it): then a shortfall is refused. Refused where
+    the widest search cannot reach it.
     """
     exact, exact_ids = ExactSearch(bank)(probes, 1)
     norms = np.linalg.norm(probes.astype(np.float64), axis=1)
 
-    def hits(width: dict[str, Any], rows: np.ndarray) -> np.ndarray:
-        """Whether each of `probes[rows]` finds an exact neighbour at `width`."""
-        found, found_ids = search(probes[rows], 1, width)
-        return (found_ids[:, 0] == exact_ids[rows, 0]) | same_distance(found[:, 0], exact[rows, 0], norms[rows])
+    def recall_at(width: dict[str, Any]) -> float:
+        found, found_ids = search(probes, 1, width)
+        return recall_at_1(found[:, 0], found_ids[:, 0], exact[:, 0], exact_ids[:, 0], norms)
 
-    every = np.arange(len(probes))
-    found = hits(params, every)
-    recall = float(found.mean())
+    recall = recall_at(params)
     while recall < MIN_RECALL:
         if fixed:
             raise ConfigError(
@@ -134,24 +115,8 @@ def choose_search_widths(
         if wider is None:
             raise IndexTooPoorError(_too_narrow(index_type, params, recall, len(probes)))
         say(f"milvus: recall@1 {recall:.4f} at {params}, below {MIN_RECALL}; widening to {wider}")
-        params, found = wider, hits(wider, every)
-        recall = float(found.mean())
-    # The recheck is measured on the probes the search width missed: a wider HNSW beam (or more
-    # IVF lists) explores a superset, so a probe found at the search width is found at the recheck
-    # width too, and a wide recheck (ef 4096) over every probe would cost Lite ~20 s per ingest.
-    missed = np.flatnonzero(~found)
-    recheck = recheck_params(index_type, index_params, params)
-
-    def recheck_recall_at(width: dict[str, Any]) -> float:
-        return 1.0 - float((~hits(width, missed)).sum()) / len(probes) if missed.size else 1.0
-
-    recheck_recall = recheck_recall_at(recheck)
-    while recheck_recall < 1.0:
-        wider = _wider(index_type, index_params, recheck)
-        if wider is None:
-            raise IndexTooPoorError(_too_narrow(index_type, recheck, recheck_recall, len(probes)))
-        recheck, recheck_recall = wider, recheck_recall_at(wider)
-    return SearchWidths(params, recheck, recall, recheck_recall, len(probes))
+        params, recall = wider, recall_at(wider)
+    return SearchWidths(params, recall, len(probes))
 
 
 def _too_narrow(index_type: str, params: dict[str, Any], recall: float, probes: int) -> str:

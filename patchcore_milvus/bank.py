@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from patchcore_milvus.ann_check import recheck_params
 from patchcore_milvus.config import BACKBONE_NORMALIZATION, DEFAULT_SEARCH_PARAMS, Config, check_params
 from patchcore_milvus.description import BankDescription, ExtractorDescription, aggregation
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
@@ -21,14 +20,8 @@ from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import NORMALIZATION_STATS, load_rgb
 from patchcore_milvus.milvus import BankStore
-from patchcore_milvus.scoring import (
-    SETTLE_PER_ROUND,
-    SETTLE_PER_ROUND_IN_PROCESS,
-    anomaly_map,
-    image_scores,
-    reweighting_factor,
-    settle_largest,
-)
+from patchcore_milvus.mirror import VersionVectors
+from patchcore_milvus.scoring import anomaly_map, image_scores, reweighting_factor, settle_largest
 
 
 @dataclass
@@ -52,7 +45,7 @@ class Inspection:
     patch_norms: np.ndarray = field(repr=False)
     # The bank version (collection) that scored it.
     bank_version: str = ""
-    # Patches whose distance was settled by the precise recheck search (see scoring.settle_largest).
+    # Patches whose distance was settled by the exact recheck (see scoring.settle_largest).
     rechecked_patches: int = 0
 
     @property
@@ -100,9 +93,10 @@ class Bank:
     answer never mixes two banks. `search` defaults to Milvus; `Bank.pinned` scores one version
     whatever the alias says, `with_exact_search` searches it exactly in-process.
 
-    Every patch is searched at the bank's search width; each image's largest distances, which
-    make its score, are then settled with the wider recheck search (both chosen and measured
-    against exact search at ingest, see ann_check.py).
+    Every patch is searched at the bank's search width (chosen and measured against exact search
+    at ingest, see ann_check.py); each image's largest distances, which make its score, and the
+    eq. 7 neighbours are then searched exactly (`precise`: by default over the station's copy of
+    the version's vectors, mirror.py), so a verdict never rests on an approximate distance.
     """
 
     def __init__(
@@ -115,15 +109,19 @@ class Bank:
         config: Config,
         search: SearchFunction | None = None,
         precise: SearchFunction | None = None,
-        settle_per_round: int = SETTLE_PER_ROUND,
     ):
+        """`search`: every patch (default: Milvus); `precise`: an exact search (default: the
+        station's copy of each version's vectors; `search` itself where that is given and exact)."""
         self.store = store
-        self.settle_per_round = settle_per_round
         self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
         self.search: SearchFunction = search or store.search  # every patch, at the bank's width
-        self.precise: SearchFunction = precise or self.search  # the recheck and the eq. 7 neighbours
+        # The station's copy of the vectors, where the exact search is not given.
+        self.mirror = VersionVectors(store) if precise is None and search is None else None
+        if precise is None:
+            precise = search if self.mirror is None else self.mirror.precise
+        self.precise: SearchFunction = precise  # the recheck and the eq. 7 neighbours
         self._use(version, description)
 
     @classmethod
@@ -135,9 +133,10 @@ class Bank:
         features: FeaturePipeline,
         config: Config,
         search: SearchFunction | None = None,
+        precise: SearchFunction | None = None,
     ) -> Bank:
         """Exactly `version`, whatever the category's alias points at."""
-        return cls(store, None, version, description, features, config, search)
+        return cls(store, None, version, description, features, config, search, precise)
 
     @classmethod
     def open(
@@ -154,7 +153,7 @@ class Bank:
 
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
-        exact = ExactSearch(self.store.read_vectors(self.version))
+        exact = self.mirror.exact(self.version) if self.mirror else ExactSearch(self.store.read_vectors(self.version))
         return Bank.pinned(
             self.store, self.version, self.description, self.features, self.config, lambda _, v, k, __: exact(v, k)
         )
@@ -164,7 +163,7 @@ class Bank:
         replica.py), this version's ready before this returns; pinned to it unless `follow_alias`."""
         from patchcore_milvus.replica import LocalReplicas
 
-        replicas = LocalReplicas(self.store)
+        replicas = LocalReplicas(self.store, self.mirror)
         replicas.prepare(self.version)
         category = self.category if follow_alias else None
         return Bank(
@@ -175,8 +174,7 @@ class Bank:
             self.features,
             self.config,
             replicas.search,
-            replicas.precise,
-            SETTLE_PER_ROUND_IN_PROCESS,
+            replicas.mirror.precise,
         )
 
     def refresh(self) -> None:
@@ -208,14 +206,10 @@ class Bank:
             params = description.search.params
         else:  # a bank from before the search widths were measured at ingest
             params = DEFAULT_SEARCH_PARAMS[index.type]
-        if description.search is not None:
-            recheck = description.search.recheck
-        else:
-            recheck = recheck_params(index.type, index.params, params)
         self.version, self.description = version, description
         self.provenance = self.store.read_provenance(version)  # for each inspection's nearest patch
         self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
-        self.search_params, self.recheck_params = params, recheck
+        self.search_params = params
 
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
         """Score files in batches; a file that is not a usable image yields its error and the rest go on.
@@ -315,19 +309,13 @@ class Bank:
         self, version: str, patches: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For n images x p patches x dim, all from `version`: each patch's distance to and id of
-        its nearest bank vector (n, p), with each image's largest distances settled by the recheck
+        its nearest bank vector (n, p), with each image's largest distances settled by the exact
         search; how many patches of each image were rechecked; each image's worst patch (its
         index), the id of the bank vector nearest to it, and the image's eq. 7 weight."""
         n, p, dim = patches.shape
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
-        rechecked = settle_largest(
-            distances,
-            ids,
-            patches,
-            lambda vectors: self.precise(version, vectors, 1, self.recheck_params),
-            self.settle_per_round,
-        )
+        rechecked = settle_largest(distances, ids, patches, lambda vectors: self.precise(version, vectors, 1, {}))
         missing = int((ids < 0).sum())
         if missing:
             raise StoreError(f"bank version {version} returned no neighbour for {missing} patches; is it complete?")
@@ -340,11 +328,11 @@ class Bank:
 
     def _reweighting(self, version: str, worst_patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
         """Eq. 7 weights for each image: needs m*'s own b nearest neighbours in the bank, found
-        with the recheck search; fewer than the bank holds is refused, not scored."""
+        by exact search; fewer than the bank holds is refused, not scored."""
         b = min(self.config.reweight_neighbors, self.description.coreset.size - 1)
         if b < 1:
             return np.ones(len(worst_patches))  # a bank of one vector: m* has no neighbours to weigh against
-        _, neighbour_ids = self.precise(version, self.store.get_vectors(version, nearest), b + 1, self.recheck_params)
+        _, neighbour_ids = self.precise(version, self.store.get_vectors(version, nearest), b + 1, {})
         candidate_ids = []
         for centre, ids in zip(nearest, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != centre][:b]

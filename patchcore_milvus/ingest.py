@@ -122,7 +122,7 @@ class IngestSummary:
             + (f", {len(self.skipped)} unusable files skipped" if self.skipped else ""),
             bank,
             f"search: {_params(self.search.params)} (recall@1 {self.search.recall_at_1:.4f} against exact search on "
-            f"{self.search.probes} patches), worst patches rechecked at {_params(self.search.recheck)}",
+            f"{self.search.probes} patches), each image's worst patches rechecked by exact search",
             thresholds,
             *warnings,
             f"time: {stages}",
@@ -657,7 +657,7 @@ def _publish(
         thresholds = _calibrate_thresholds(
             calibration_bank,
             exact_bank,
-            Bank.pinned(store, collection, description, features, config),
+            Bank.pinned(store, collection, description, features, config, precise=exact_bank.search),
             held_out,
             earlier_holdout,
             config,

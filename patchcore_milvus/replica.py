@@ -1,36 +1,36 @@
-"""`search: local`: a station's own copy of the bank version it scores, searched in-process.
+"""`search: local`: a station's own index over the bank version it scores, searched in-process.
 
 Milvus stays the one place where banks live, are versioned, appended to and rolled back; a
-station mirrors the version the category's alias points at: its vectors read from Milvus once,
-an in-process faiss index with the bank's own index parameters (HNSW: M, efConstruction; IVF:
-nlist), cached on disk per version and checked against Milvus (row count, a probe vector) before
-use. Every patch is searched at the bank's search width; the recheck of each image's largest
-distances and the eq. 7 neighbours are exact (brute force over the replica's vectors). When the
-alias moves, the new version's replica is built in a background thread while Milvus answers.
+station mirrors the version the category's alias points at (its vectors, `mirror.py`) and builds
+an in-process faiss index over them with the bank's own index parameters (HNSW: M,
+efConstruction; IVF: nlist), cached on disk per version beside the vectors it was built from.
+Every patch is searched at the bank's search width; the recheck of each image's largest distances
+and the eq. 7 neighbours are exact, as for `search: milvus`. When the alias moves, the new
+version's index is built in a background thread while Milvus answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from patchcore_milvus.config import stage_threads
-from patchcore_milvus.exact import ExactSearch
-from patchcore_milvus.files import cache_folder, save_atomically
+from patchcore_milvus.files import save_atomically
 from patchcore_milvus.milvus import BankStore
+from patchcore_milvus.mirror import VERSIONS_IN_MEMORY, VersionVectors
 
 
 class Replica:
-    """One version's vectors in a faiss index, and an exact search over the same vectors."""
+    """One version's vectors in a faiss index with the bank's index parameters."""
 
-    def __init__(self, index: Any, vectors: np.ndarray):
+    def __init__(self, index: Any):
         self.index = index
-        self.vectors = vectors
-        self.exact = ExactSearch(vectors, stage_threads())
 
     @classmethod
     def build(cls, vectors: np.ndarray, index_type: str, index_params: dict[str, Any]) -> Replica:
@@ -45,7 +45,7 @@ class Replica:
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
             index.train(vectors)
         index.add(vectors)
-        return cls(index, vectors)
+        return cls(index)
 
     def search(self, vectors: np.ndarray, top_k: int, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -61,23 +61,21 @@ class Replica:
         distances[ids < 0] = np.inf
         return distances, ids.astype(np.int64)
 
-    def save(self, folder: Path, stem: str) -> None:
-        """Index and vectors, each written through a temporary file and renamed (never half-written)."""
+    def save(self, path: Path) -> None:
+        """Written through a temporary file and renamed (never half-written)."""
         import faiss
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_atomically(folder / f"{stem}.npy", lambda path: np.save(path, self.vectors))
-        save_atomically(folder / f"{stem}.faiss", lambda path: faiss.write_index(self.index, path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(path, lambda temporary: faiss.write_index(self.index, temporary))
 
     @classmethod
-    def load(cls, folder: Path, stem: str) -> Replica | None:
+    def load(cls, path: Path) -> Replica | None:
         import faiss
 
-        index_path, vectors_path = folder / f"{stem}.faiss", folder / f"{stem}.npy"
-        if not (index_path.is_file() and vectors_path.is_file()):
+        if not path.is_file():
             return None
         try:
-            return cls(faiss.read_index(str(index_path)), np.load(vectors_path))
+            return cls(faiss.read_index(str(path)))
         except (OSError, ValueError, RuntimeError):  # a damaged cache file: rebuilt
             return None
 
@@ -85,43 +83,46 @@ class Replica:
 class LocalReplicas:
     """Replicas of a store's bank versions, for `Bank`'s search and precise search."""
 
-    def __init__(self, store: BankStore, cache: Path | None = None):
+    def __init__(self, store: BankStore, mirror: VersionVectors | None = None):
         self.store = store
-        # One cache folder per Milvus address, so that two servers' versions never mix.
-        self.cache = (cache or cache_folder("replicas")) / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
-        self._ready: dict[str, Replica] = {}
+        self.mirror = mirror or VersionVectors(store)
+        self._ready: OrderedDict[str, Replica] = OrderedDict()
         self._building: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
+    def index_path(self, version: str, vectors: np.ndarray) -> Path:
+        """The index file of `version` built from exactly these vectors (their digest in its name)."""
+        digest = hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest()[:16]
+        return self.mirror.folder / f"{version}.{digest}.faiss"
+
     def prepare(self, version: str) -> Replica:
-        """The version's replica, built (or loaded from the cache and checked) now."""
+        """The version's replica, built (or loaded from the cache) now."""
         with self._lock:
             if version in self._ready:
                 return self._ready[version]
-        replica = Replica.load(self.cache, version)
-        if replica is None or not self._matches(version, replica):
+        vectors = self.mirror.vectors(version)
+        path = self.index_path(version, vectors)
+        replica = Replica.load(path)
+        if replica is None or replica.index.ntotal != len(vectors):
             description = self.store.read_description(version)
-            replica = Replica.build(self.store.read_vectors(version), description.index.type, description.index.params)
-            replica.save(self.cache, version)
+            replica = Replica.build(vectors, description.index.type, description.index.params)
+            with contextlib.suppress(OSError):  # a cache that cannot be written: built again next time
+                replica.save(path)
         with self._lock:
             self._ready[version] = replica
+            self._ready.move_to_end(version)
+            while len(self._ready) > VERSIONS_IN_MEMORY:
+                self._ready.popitem(last=False)
         return replica
-
-    def _matches(self, version: str, replica: Replica) -> bool:
-        """Same row count as the version in Milvus, and its middle vector equal to Milvus' own."""
-        rows = self.store.vector_count(version)
-        if rows != len(replica.vectors) or rows != replica.index.ntotal:
-            return False
-        probe = self.store.get_vectors(version, [rows // 2])[0]
-        return bool(np.array_equal(probe, replica.vectors[rows // 2]))
 
     def _replica(self, version: str) -> Replica | None:
         """The version's replica if it is ready; else one is started in the background and None
         says: ask Milvus meanwhile."""
         with self._lock:
             if version in self._ready:
+                self._ready.move_to_end(version)
                 return self._ready[version]
-            if version not in self._building:
+            if version not in self._building or not self._building[version].is_alive():
                 thread = threading.Thread(target=self.prepare, args=(version,), daemon=True, name="replica")
                 self._building[version] = thread
                 thread.start()
@@ -135,12 +136,3 @@ class LocalReplicas:
         if replica is None:
             return self.store.search(version, vectors, top_k, params)
         return replica.search(vectors, top_k, params)
-
-    def precise(
-        self, version: str, vectors: np.ndarray, top_k: int, params: dict[str, Any]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact on the replica; Milvus' recheck width while it is being built."""
-        replica = self._replica(version)
-        if replica is None:
-            return self.store.search(version, vectors, top_k, params)
-        return replica.exact(vectors, top_k)

@@ -69,10 +69,9 @@ def anomaly_map(
     return rows @ patch_scores.astype(np.float32) @ columns.T
 
 
-# Patches per image settled in one round of `settle_largest`: against Milvus, where each round is
-# a call; in-process (a local replica's exact search), where each patch costs a pass over the bank.
-SETTLE_PER_ROUND = 16
-SETTLE_PER_ROUND_IN_PROCESS = 4
+# Patches per image settled in one round of `settle_largest`: each costs a pass of the exact
+# search over the bank, and most images settle in the first round.
+SETTLE_PER_ROUND = 4
 
 
 def settle_largest(
@@ -85,7 +84,8 @@ def settle_largest(
     """Make each image's largest patch distance rest on a precise search, not an approximate one.
 
     `distances`, `ids` (n images, p patches): each patch's approximate nearest bank vector, updated
-    in place; `patches` (n, p, dim); `precise(vectors) -> (distances, ids)`, each (m, 1).
+    in place; `patches` (n, p, dim); `precise(vectors) -> (distances, ids)`, each (m, 1), an exact
+    search (with an approximate one the result is only as good as it).
 
     An approximate search returns a real bank vector, so its distance can only be too large:
     a patch not rechecked lies at most at its approximate distance. The image score,

@@ -278,7 +278,7 @@ def test_an_append_summary_says_how_the_thresholds_moved_and_when_the_cap_stoppe
         image_threshold=30.08,
         pixel_threshold=25.20,
         seconds={},
-        search=SearchWidths({"ef": 64}, {"ef": 1024}, 1.0, 1.0, 4096),
+        search=SearchWidths({"ef": 64}, 1.0, 4096),
         appended_to="bottle__v1",
         far_patches=3150,
         bank_size=19763,

@@ -1,4 +1,5 @@
-"""`search: local`: a station's replica of the bank version, against a real Milvus Lite file."""
+"""A station's copies of the bank version (its vectors for the exact recheck; `search: local`'s
+index), against a real Milvus Lite file."""
 
 import time
 from pathlib import Path
@@ -8,8 +9,9 @@ import pytest
 from conftest import textured_image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
+from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.images import list_images
-from patchcore_milvus.replica import LocalReplicas, Replica
+from patchcore_milvus.mirror import VersionVectors
 
 
 @pytest.fixture
@@ -35,21 +37,51 @@ def test_local_search_scores_as_exact_search_and_caches_its_replica(local: Confi
         assert got.image_score == pytest.approx(want.image_score, rel=1e-4) and got.verdict == want.verdict
         np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-3, atol=1e-3)
     [index] = (tmp_path / "cache").rglob("*.faiss")
-    assert index.stem == bank.version and index.with_suffix(".npy").is_file()
+    assert index.name.startswith(f"{bank.version}.") and (index.parent / f"{bank.version}.npy").is_file()
     written = index.stat().st_mtime_ns
     Bank.open("texture", local)  # loaded from the cache, checked, not rebuilt
     assert index.stat().st_mtime_ns == written
 
 
-def test_a_replica_that_no_longer_matches_milvus_is_rebuilt(local: Config, tmp_path: Path):
+def test_the_recheck_of_a_milvus_bank_is_exact_over_the_version_s_vectors(local: Config, tmp_path: Path):
+    bank = Bank.open("texture", local.replace(search="milvus"))
+    vectors = BankStore(local.uri).read_vectors(bank.version)
+    rng = np.random.default_rng(0)
+    # Patches like the bank's and far from all of it (as a defect's are): exact for both.
+    near = vectors[:50] + rng.normal(0, 0.1, (50, vectors.shape[1]))
+    probes = np.concatenate([near, rng.normal(0, 30, (50, vectors.shape[1]))])
+    got, got_ids = bank.precise(bank.version, probes, 3, {})
+    want, want_ids = ExactSearch(vectors)(probes, 3)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(list((tmp_path / "cache").rglob(f"{bank.version}.npy"))) == 1  # cached for the next process
+
+
+@pytest.mark.parametrize("damage", ["a row short", "another middle vector", "not an array"])
+def test_a_cached_copy_that_no_longer_matches_milvus_is_read_again(local: Config, damage: str):
     store = BankStore(local.uri)
     version = store.resolve("texture")
-    replicas = LocalReplicas(store)
-    good = replicas.prepare(version)
-    Replica(good.index, good.vectors[:-1]).save(replicas.cache, version)  # a row short
-    rebuilt = LocalReplicas(store).prepare(version)
-    assert len(rebuilt.vectors) == len(good.vectors)
-    np.testing.assert_array_equal(rebuilt.vectors, store.read_vectors(version))
+    good = VersionVectors(store).vectors(version)
+    path = VersionVectors(store).folder / f"{version}.npy"
+    if damage == "a row short":
+        np.save(path, good[:-1])
+    elif damage == "another middle vector":
+        changed = good.copy()
+        changed[len(good) // 2] += 1
+        np.save(path, changed)
+    else:
+        path.write_bytes(b"\x93NUMPY damaged")
+    np.testing.assert_array_equal(VersionVectors(store).vectors(version), store.read_vectors(version))
+    np.testing.assert_array_equal(np.load(path), good)  # and cached again
+
+
+def test_a_cache_that_cannot_be_written_still_scores(local: Config, tmp_path: Path, monkeypatch):
+    (tmp_path / "readonly").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "readonly"))
+    bank = Bank.open("texture", local.replace(search="milvus"))
+    exact = bank.with_exact_search()
+    for (_, got), (_, want) in zip(bank.score_paths(queries(tmp_path)), exact.score_paths(queries(tmp_path))):
+        assert got.image_score == pytest.approx(want.image_score, rel=1e-5)
 
 
 def test_when_the_alias_moves_milvus_answers_until_the_new_replica_is_ready(
@@ -63,7 +95,7 @@ def test_when_the_alias_moves_milvus_answers_until_the_new_replica_is_ready(
     second = results[0].bank_version
     assert second != first and {r.bank_version for r in results} == {second}
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "cache").rglob(f"{second}.faiss")):
+    while not list((tmp_path / "cache").rglob(f"{second}.*.faiss")):
         assert time.monotonic() < deadline, "the new replica was never built"
         time.sleep(0.2)
     again = [result for _, result in bank.score_paths(paths)]

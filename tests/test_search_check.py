@@ -96,9 +96,7 @@ def ivf_bank(good_folder: Path, small_config: Config) -> Config:
 def test_ingest_widens_a_search_that_misses_and_records_what_it_measured(ivf_bank: Config):
     store = BankStore(ivf_bank.uri)
     search = store.read_description(store.resolve("texture")).search
-    assert search.recall_at_1 >= MIN_RECALL and search.recheck_recall_at_1 == 1.0
-    assert search.recheck == {"nprobe": 16}  # every list: exhaustive
-    assert search.probes > 0
+    assert search.recall_at_1 >= MIN_RECALL and search.probes > 0
 
 
 def test_a_chosen_search_too_narrow_for_the_bank_is_refused_at_ingest(good_folder: Path, small_config: Config):
