@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.option)}
+    # Squashed to 256 x 256 as anomalib does, unless an option says otherwise (`aspect=keep`).
+    options = {"aspect": "square", **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}}
     rows = []
     for spec in args.set or SETS:
         root, category = spec.rsplit(":", 1)

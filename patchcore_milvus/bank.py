@@ -109,16 +109,19 @@ class Bank:
         config: Config,
         search: SearchFunction | None = None,
         precise: SearchFunction | None = None,
+        mirror: VersionVectors | None = None,
     ):
-        """`search`: every patch (default: Milvus); `precise`: an exact search (default: the
-        station's copy of each version's vectors; `search` itself where that is given and exact)."""
+        """`search`: every patch (default: Milvus); `precise`: an exact search (default: over
+        `mirror`, the station's copy of each version's vectors, made here unless given; `search`
+        itself where that is given and exact)."""
         self.store = store
         self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
         self.search: SearchFunction = search or store.search  # every patch, at the bank's width
-        # The station's copy of the vectors, where the exact search is not given.
-        self.mirror = VersionVectors(store) if precise is None and search is None else None
+        if mirror is None and precise is None and search is None:
+            mirror = VersionVectors(store)
+        self.mirror = mirror  # also where the eq. 7 candidates' vectors are read, if there is one
         if precise is None:
             precise = search if self.mirror is None else self.mirror.precise
         self.precise: SearchFunction = precise  # the recheck and the eq. 7 neighbours
@@ -174,7 +177,7 @@ class Bank:
             self.features,
             self.config,
             replicas.search,
-            replicas.mirror.precise,
+            mirror=replicas.mirror,
         )
 
     def refresh(self) -> None:
@@ -332,7 +335,7 @@ class Bank:
         b = min(self.config.reweight_neighbors, self.description.coreset.size - 1)
         if b < 1:
             return np.ones(len(worst_patches))  # a bank of one vector: m* has no neighbours to weigh against
-        _, neighbour_ids = self.precise(version, self.store.get_vectors(version, nearest), b + 1, {})
+        _, neighbour_ids = self.precise(version, self._vectors(version, nearest), b + 1, {})
         candidate_ids = []
         for centre, ids in zip(nearest, neighbour_ids):
             others = [int(i) for i in ids if i >= 0 and i != centre][:b]
@@ -342,13 +345,19 @@ class Bank:
                     f"{centre} that the re-weighting (eq. 7) needs; the score was not computed"
                 )
             candidate_ids.append([int(centre), *others])
-        candidates = self.store.get_vectors(version, [i for ids in candidate_ids for i in ids])
+        candidates = self._vectors(version, [i for ids in candidate_ids for i in ids])
         return np.array(
             [
                 reweighting_factor(patch, candidates[k * (b + 1) : (k + 1) * (b + 1)])
                 for k, patch in enumerate(worst_patches)
             ]
         )
+
+    def _vectors(self, version: str, ids: Iterable[int]) -> np.ndarray:
+        """Bank vectors by id: from the station's copy where there is one, else from Milvus."""
+        if self.mirror is None:
+            return self.store.get_vectors(version, ids)
+        return self.mirror.vectors(version)[np.fromiter(ids, dtype=np.int64)]
 
 
 @dataclass
@@ -388,7 +397,8 @@ def bank_extractor(store: BankStore, version: str, description: BankDescription,
     On `runtime: torch`, with a weights file named, or for a bank that carries no model, the
     extractor is built from the options and must match the bank's checksum exactly."""
     if config.runtime == "torch" or config.weights is not None or description.extractor_model is None:
-        return FeaturePipeline.from_config(config)
+        shape = description.extractor.image_shape
+        return FeaturePipeline.from_config(config, None if shape is None else (shape[0], shape[1]))
     asked = requested_differences(config, description.extractor)
     if asked:
         raise BankMismatchError(
@@ -414,6 +424,8 @@ def requested_differences(config: Config, bank: ExtractorDescription) -> list[st
         for name, (ours, theirs) in asked.items()
         if ours != getattr(default, name) and ours != theirs
     ]
+    if config.aspect == "square" and bank.image_shape is not None:
+        lines.append(f"aspect: bank has images resized to {bank.image_shape} (height, width), this query uses 'square'")
     if config.border != default.border and bank.aggregation != aggregation(config.border):
         lines.append(f"border: bank has {bank.aggregation!r}, this query uses {config.border!r}")
     if config.normalization != default.normalization:

@@ -66,7 +66,7 @@ def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
     return pairs
 
 
-EXTRACTOR = ["backbone", "weights", "image_size", "center_crop", "normalization", "target_dim", "border"]
+EXTRACTOR = ["backbone", "weights", "image_size", "aspect", "center_crop", "normalization", "target_dim", "border"]
 
 # Reaching Milvus.
 CONNECTION = [

@@ -23,6 +23,7 @@ RUNTIMES = ("onnx", "torch")
 SEARCHES = ("milvus", "local")
 NORMALIZATIONS = ("imagenet", "backbone")
 BORDERS = ("zeros", "inside")
+ASPECTS = ("auto", "keep", "square")
 # Bounds that keep a setting from exhausting memory with a MemoryError deep in the work: a 2,048 px
 # input is 65,536 patches per image; pooling patches to more dims than this only pads them.
 MAX_IMAGE_SIZE = 2048
@@ -107,7 +108,14 @@ class Config:
     # Feature extractor.
     backbone: str = _option("efficientnet_lite0", "Pretrained CNN.", choices=BACKBONES)
     weights: str | None = _option(None, "Backbone weights file (state dict), or 'random' for tests.")
-    image_size: int = _option(256, "Images are resized to this square size.")
+    image_size: int = _option(256, "Images are resized so that their short side has this size (square: both).")
+    aspect: str = _option(
+        "auto",
+        "The shape images are resized to: 'square' (image_size squared), 'keep' (the training "
+        "images' median aspect ratio, long side up to 4x), 'auto' (keep where the training images "
+        "share one aspect ratio, square where they differ).",
+        choices=ASPECTS,
+    )
     center_crop: int | None = _option(None, "Centre crop after resizing (default: none).")
     normalization: str = _option("imagenet", "Input statistics.", choices=NORMALIZATIONS)
     target_dim: int | None = _option(None, "Pool patch features to this many dims.")
@@ -335,6 +343,7 @@ def _check_values(c: Config) -> None:
         f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {c.normalization!r}",
     )
     require(c.border in BORDERS, f"border must be one of {', '.join(BORDERS)}, got {c.border!r}")
+    require(c.aspect in ASPECTS, f"aspect must be one of {', '.join(ASPECTS)}, got {c.aspect!r}")
     require(0 <= c.seed < 2**32, f"seed must be a whole number from 0 to {2**32 - 1}, got {c.seed}")
     require(c.index_type in INDEX_TYPES, f"index_type must be one of {', '.join(INDEX_TYPES)}, got {c.index_type!r}")
     require(

@@ -3,7 +3,8 @@
 A version's description is stored beside its vectors (see milvus/rows.py) as JSON; these typed
 objects are what the rest of the package reads. `SCHEMA` counts format changes: 1 added the
 measured search widths, 2 the extractor model, 3 the held-out images in the bank, 4 dropped the
-recheck width (stations recheck exactly); older descriptions are read with those left out.
+recheck width (stations recheck exactly), 5 the input shape of banks whose images are not
+square; older descriptions are read with those left out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from patchcore_milvus.ann_check import SearchWidths
 
-SCHEMA = 4
+SCHEMA = 5
 
 # How patch features are aggregated (PatchCore eq. 2): recorded, so a query can be held to it.
 AGGREGATION = "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat"
@@ -39,6 +40,8 @@ class ExtractorDescription:
     aggregation: str
     target_dim: int | None
     dim: int
+    # [height, width] every image is resized to; None: image_size squared (and before schema 5).
+    image_shape: list[int] | None = None
 
     def differences(self, query: ExtractorDescription) -> list[str]:
         """The settings that differ from a query's, as readable lines."""

@@ -23,10 +23,20 @@ HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 VERSUS_EXACT = {"milvus": "ann_vs_exact", "local": "local_vs_exact"}
 
 
-def resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+def resize_map(amap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """`amap` resized to `size` squared, or to `size` = (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
     return np.asarray(
-        Image.fromarray(amap.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+        Image.fromarray(amap.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
     )
+
+
+def pixel_shape(bank: Bank, pixel_size: int) -> tuple[int, int]:
+    """(width, height) the pixel metrics compare maps and masks at: the bank's input shape with
+    its short side `pixel_size` (`pixel_size` squared for a square bank)."""
+    height, width = bank.features.preprocess.size
+    short = min(height, width)
+    return round(width * pixel_size / short), round(height * pixel_size / short)
 
 
 @dataclass
@@ -42,7 +52,9 @@ class ScoredSet:
     seconds: float
 
 
-def score_set(bank: Bank, images: list[LabelledImage], pixel_size: int, label: str, progress: bool) -> ScoredSet:
+def score_set(
+    bank: Bank, images: list[LabelledImage], pixel_size: int | tuple[int, int], label: str, progress: bool
+) -> ScoredSet:
     scores, maps, distances, ids, norms, timings = [], [], [], [], [], []
     started = time.perf_counter()
     results = bank.score_paths([i.path for i in images])
@@ -180,7 +192,8 @@ def evaluate_category(
     refuse defect images without a ground-truth mask instead of leaving them out of the pixel
     metrics."""
     images = labelled_test_images(category_root, strict_masks)
-    truth = [ground_truth(i, pixel_size) for i in images]
+    shape = pixel_shape(bank, pixel_size)
+    truth = [ground_truth(i, shape) for i in images]
     methods: dict[str, Bank] = {}
     if search in ("milvus", "both", "all"):
         methods["milvus"] = bank
@@ -188,13 +201,14 @@ def evaluate_category(
         methods["local"] = bank.with_local_search()
     if search in ("exact", "both", "all"):
         methods["exact"] = bank.with_exact_search()
-    scored = {name: score_set(b, images, pixel_size, name, progress) for name, b in methods.items()}
+    scored = {name: score_set(b, images, shape, name, progress) for name, b in methods.items()}
     description = bank.description
     report: dict[str, Any] = {
         "category": category,
         "test_images": len(images),
         "defect_types": sorted({i.defect for i in images} - {GOOD}),
         "pixel_size": pixel_size,
+        "pixel_shape": list(shape),  # width, height
         "masks": mask_coverage(images, category_root),
         "bank": {
             "collection": bank.version,
@@ -203,6 +217,7 @@ def evaluate_category(
             "bytes": description.coreset.size * description.extractor.dim * 4,
             "index": {"type": description.index.type, "params": description.index.params},
             "backbone": description.extractor.backbone,
+            "image_shape": list(bank.features.preprocess.size),  # height, width the images are resized to
         },
         "search": {},
     }

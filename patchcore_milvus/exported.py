@@ -44,8 +44,9 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def cache_key(config: Config) -> str | None:
-    """The entry `config`'s extractor would be stored under; None where it is not cached."""
+def cache_key(config: Config, image_shape: tuple[int, int] | None = None) -> str | None:
+    """The entry `config`'s extractor (for images resized to `image_shape`) would be stored
+    under; None where it is not cached."""
     digest = hashlib.sha256()
     if config.weights == "random":
         digest.update(f"random weights, seed {config.seed}".encode())
@@ -56,6 +57,8 @@ def cache_key(config: Config) -> str | None:
         digest.update(hashlib.sha256(weights.read_bytes()).digest())
     options = [config.backbone, config.image_size, config.center_crop, config.target_dim, config.border]
     options += [config.normalization, _version("torch"), _version("timm")]
+    if image_shape is not None:  # square inputs keep the keys they had before shapes were recorded
+        options.append(list(image_shape))
     digest.update(json.dumps(options).encode())
     here = Path(__file__).parent
     for name in _SOURCES:

@@ -32,21 +32,19 @@ class FeaturePipeline:
         model: bytes | None = None,
     ):
         self.description = description
-        normalization = description.normalization
-        self.preprocess = Preprocess(
-            description.image_size, description.center_crop, tuple(normalization["mean"]), tuple(normalization["std"])
-        )
+        self.preprocess = preprocess_of(description)
         self.run = run
         self.model = model  # the ONNX model run, or None on torch
 
     @classmethod
-    def from_config(cls, config: Config) -> FeaturePipeline:
-        """The configured backbone and weights (torch), run on the configured runtime. On ONNX
-        Runtime, an extractor exported before on this machine is taken from the cache (see
-        exported.py), without torch."""
+    def from_config(cls, config: Config, image_shape: tuple[int, int] | None = None) -> FeaturePipeline:
+        """The configured backbone and weights (torch), run on the configured runtime, for images
+        resized to `image_shape` (height, width; default `image_size` squared). On ONNX Runtime, an
+        extractor exported before on this machine is taken from the cache (see exported.py),
+        without torch."""
         from patchcore_milvus import exported
 
-        key = exported.cache_key(config) if config.runtime == "onnx" else None  # hashes the weights file
+        key = exported.cache_key(config, image_shape) if config.runtime == "onnx" else None  # hashes the weights
         if key is not None:
             cached = exported.load(key)
             if cached is not None:
@@ -57,14 +55,14 @@ class FeaturePipeline:
         from patchcore_milvus import torch_extractor
 
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
-        extractor, description = torch_extractor.build(config)
+        extractor, description = torch_extractor.build(config, image_shape)
         if config.runtime == "torch":
 
             def run(batch: np.ndarray) -> np.ndarray:
                 return extractor(torch.from_numpy(batch)).numpy()
 
             return cls(description, run)
-        model = torch_extractor.export_onnx(extractor, config.center_crop or config.image_size)
+        model = torch_extractor.export_onnx(extractor, preprocess_of(description).input_shape)
         if key is not None:
             exported.save(key, description, model)
         return cls(description, _onnx_session(model, config.num_threads), model)
@@ -88,6 +86,18 @@ class FeaturePipeline:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(np.ascontiguousarray(batch, dtype=np.float32))
+
+
+def preprocess_of(description: ExtractorDescription) -> Preprocess:
+    """How the extractor described wants its images: size, crop and normalisation."""
+    normalization, shape = description.normalization, description.image_shape
+    return Preprocess(
+        description.image_size,
+        description.center_crop,
+        tuple(normalization["mean"]),
+        tuple(normalization["std"]),
+        None if shape is None else (shape[0], shape[1]),
+    )
 
 
 def _onnx_session(model: bytes, threads: int | None) -> Callable[[np.ndarray], np.ndarray]:

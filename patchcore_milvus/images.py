@@ -106,25 +106,87 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
+# How far the training images' aspect ratios may spread for `aspect: auto` to keep theirs: 90 % of
+# them within 10 % of the median. Beyond that (e.g. magnetic tiles from 0.4 to 2.5) one shape
+# would distort many images more than the square does.
+SHARED_ASPECT_SPREAD = 1.1
+SHARED_ASPECT_SHARE = 0.9
+# Nearer to square than this, an image stays square; farther than 4:1, its long side is capped
+# (four times the patches of a square input already).
+SQUARE_WITHIN = 1.05
+MAX_ASPECT = 4.0
+
+
+def aspect_ratio(path: Path) -> float | None:
+    """Width / height as `load_rgb` would orient the image (EXIF rotations swap the sides), from
+    the file's header alone; None for a file that is not a readable image (ingest says why later)."""
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if opened.getexif().get(0x0112) in (5, 6, 7, 8):  # turned by 90 degrees
+                width, height = height, width
+    except Exception:  # anything PIL raises for a damaged file; load_rgb reports it
+        return None
+    return width / height if width > 0 and height > 0 else None
+
+
+def input_shape(ratios: list[float], image_size: int, aspect: str) -> tuple[int, int] | None:
+    """(height, width) every image of a bank is resized to, None for `image_size` squared.
+
+    `aspect`: "square"; "keep" the median width/height of `ratios` (the training images): short
+    side `image_size`, long side in proportion (a multiple of 16, the backbone's coarsest stride,
+    at most `MAX_ASPECT` times the short one); "auto" keeps it only where the ratios agree
+    (`SHARED_ASPECT_SHARE` of them within `SHARED_ASPECT_SPREAD` of the median)."""
+    if aspect == "square" or not ratios:
+        return None
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    median = float(np.median(logs))
+    if aspect == "auto" and (np.abs(logs - median) <= np.log(SHARED_ASPECT_SPREAD)).mean() < SHARED_ASPECT_SHARE:
+        return None
+    if abs(median) <= np.log(SQUARE_WITHIN):
+        return None
+    long = round(image_size * min(float(np.exp(abs(median))), MAX_ASPECT) / 16) * 16
+    return (image_size, long) if median > 0 else (long, image_size)
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (no crop by default, so that defects at the border stay in view), crop, normalise."""
+    """Resize (no crop by default, so that defects at the border stay in view), crop, normalise.
+
+    Every image is resized to `shape` (height, width), `image_size` squared by default; the
+    centre crop takes `image_size - center_crop` pixels off each axis."""
 
     image_size: int
     center_crop: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    shape: tuple[int, int] | None = None
 
     @property
-    def input_size(self) -> int:
-        return self.center_crop or self.image_size
+    def size(self) -> tuple[int, int]:
+        """(height, width) after resizing."""
+        return self.shape or (self.image_size, self.image_size)
+
+    @property
+    def crop(self) -> tuple[int, int] | None:
+        """(height, width) kept at the centre, None without a crop."""
+        if self.center_crop is None:
+            return None
+        margin = self.image_size - self.center_crop
+        return self.size[0] - margin, self.size[1] - margin
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the network input."""
+        return self.crop or self.size
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """(3, input_size, input_size) float32."""
-        resized = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        if self.center_crop is not None:
-            offset = (self.image_size - self.center_crop) // 2
-            resized = resized.crop((offset, offset, offset + self.center_crop, offset + self.center_crop))
+        """(3, height, width) of `input_shape`, float32."""
+        height, width = self.size
+        resized = image.resize((width, height), Image.Resampling.BILINEAR)
+        if self.crop is not None:
+            top, left = (height - self.crop[0]) // 2, (width - self.crop[1]) // 2
+            resized = resized.crop((left, top, left + self.crop[1], top + self.crop[0]))
         array = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)

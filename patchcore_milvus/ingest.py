@@ -40,7 +40,7 @@ from patchcore_milvus.description import (
 from patchcore_milvus.errors import BankMismatchError, ConfigError, ImageError, IndexTooPoorError, StoreError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
-from patchcore_milvus.images import load_rgb
+from patchcore_milvus.images import aspect_ratio, input_shape, load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore, validate_category
 from patchcore_milvus.thresholds import RULE, calibrate, holdout_split
 
@@ -238,6 +238,15 @@ def extract_patches(
     )
 
 
+def bank_shape(images: list[Path], config: Config) -> tuple[int, int] | None:
+    """(height, width) the bank's images are resized to (see `images.input_shape`), from the
+    files' headers; None: `image_size` squared."""
+    if config.aspect == "square":
+        return None
+    ratios = [ratio for ratio in map(aspect_ratio, images) if ratio is not None]
+    return input_shape(ratios, config.image_size, config.aspect)
+
+
 def _none_usable(bank_images: int, held_out: int, reasons: list[str]) -> ImageError:
     aside = f" ({held_out} more set aside for the thresholds)" if held_out else ""
     listed = "\n  ".join(reasons)
@@ -253,8 +262,8 @@ _BYTES_PER_PATCH = 12 + 32 + 64
 def check_resources(images: int, features: FeaturePipeline, projection_dim: int) -> None:
     """Refuse, before any work, an ingest whose patches would not fit: their projections in
     memory, their full features in the temporary folder."""
-    side = -(-features.preprocess.input_size // 8)  # the stride-8 patch grid
-    patches = images * side * side
+    height, width = features.preprocess.input_shape
+    patches = images * -(-height // 8) * -(-width // 8)  # the stride-8 patch grid
     memory = patches * (4 * min(projection_dim, features.dim) + _BYTES_PER_PATCH)
     disk = patches * features.dim * 4
     folder = Path(tempfile.gettempdir())
@@ -361,7 +370,7 @@ def _ingest(
     if not images:
         raise ImageError(f"no images to {'append to' if append else 'ingest for'} category {category!r}")
     if not append:  # before Milvus is touched: unusable weights or settings leave no empty bank file
-        features = FeaturePipeline.from_config(config)
+        features = FeaturePipeline.from_config(config, bank_shape(images, config))
         check_resources(len(images), features, config.projection_dim)
     store = store or BankStore.from_config(config)
     grown = _Grown.read(store, category) if append else None

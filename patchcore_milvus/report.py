@@ -168,8 +168,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Bank {bank['collection']}: {bank['vectors']} vectors x {bank['dim']} dims "
             f"({bank['bytes'] / 2**20:.1f} MiB), {bank['index']['type']} {bank['index']['params']}, "
-            f"backbone {bank['backbone']}; {entry['test_images']} test images; pixel metrics on "
-            f"{entry['pixel_size']} x {entry['pixel_size']} maps.",
+            f"backbone {bank['backbone']}, images resized to {bank['image_shape'][1]} x {bank['image_shape'][0]}; "
+            f"{entry['test_images']} test images; pixel metrics on "
+            f"{entry['pixel_shape'][0]} x {entry['pixel_shape'][1]} maps.",
             "",
         ]
         if entry["masks"]["note"]:

@@ -42,18 +42,19 @@ def _gaussian(size: int, sigma: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _axis(grid: int, image_size: int, crop: int | None, sigma: float, out: int) -> np.ndarray:
+def _axis(grid: int, resized: int, crop: int | None, sigma: float, out: int) -> np.ndarray:
     """(out, grid) float32: one axis of the whole chain from patch grid to original image.
-    Patch grid -> network input (bilinear), Gaussian blur, cropped border filled with 0, original
-    size (bilinear): each step is linear along each axis, so the chain is one matrix a side."""
-    size = crop or image_size
-    chain = _gaussian(size, sigma * size / REFERENCE_SIZE) @ _bilinear(grid, size)
+    Patch grid -> network input (bilinear), Gaussian blur (`sigma` in input pixels), cropped
+    border filled with 0, original size (bilinear): each step is linear along each axis, so the
+    chain is one matrix a side."""
+    size = crop or resized
+    chain = _gaussian(size, sigma) @ _bilinear(grid, size)
     if crop is not None:
-        embed = np.zeros((image_size, crop))
-        offset = (image_size - crop) // 2
+        embed = np.zeros((resized, crop))
+        offset = (resized - crop) // 2
         embed[offset : offset + crop] = np.eye(crop)
         chain = embed @ chain
-    return (_bilinear(image_size, out) @ chain).astype(np.float32)
+    return (_bilinear(resized, out) @ chain).astype(np.float32)
 
 
 def anomaly_map(
@@ -61,11 +62,14 @@ def anomaly_map(
 ) -> np.ndarray:
     """Patch grid (h, w) -> the anomaly map (height, width) on the original image (PatchCore 3.3):
     upsampled bilinearly to the network input, Gaussian-blurred (`blur_sigma` at a 256-pixel
-    input, scaled with the input size, so a map looks the same whatever resolution the bank was
-    built at), a cropped-away border scoring 0, resized bilinearly to the original size."""
+    input, scaled with the input's short side, so a map looks the same whatever resolution the
+    bank was built at, and alike along both axes), a cropped-away border scoring 0, resized
+    bilinearly to the original size."""
     h, w = patch_scores.shape
-    settings = (preprocess.image_size, preprocess.center_crop, float(blur_sigma))
-    rows, columns = _axis(h, *settings, height), _axis(w, *settings, width)
+    sigma = float(blur_sigma) * min(preprocess.input_shape) / REFERENCE_SIZE
+    crop = preprocess.crop or (None, None)
+    rows = _axis(h, preprocess.size[0], crop[0], sigma, height)
+    columns = _axis(w, preprocess.size[1], crop[1], sigma, width)
     return rows @ patch_scores.astype(np.float32) @ columns.T
 
 

@@ -46,14 +46,16 @@ def bottle_root() -> Path:
     return BOTTLE
 
 
-def textured_image(seed: int, size: int = 96, defect: bool = False) -> Image.Image:
-    """A regular stripe texture with slight noise; a `defect` is a bright square blob."""
+def textured_image(seed: int, size: int = 96, defect: bool = False, width: int | None = None) -> Image.Image:
+    """A regular stripe texture with slight noise, `size` tall and `width` (default `size`) wide; a
+    `defect` is a bright square blob."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size]
+    width = width or size
+    y, x = np.mgrid[0:size, 0:width]
     base = 128 + 60 * np.sin(x / 3.0) * np.cos(y / 5.0)
-    pixels = np.stack([base, base * 0.8 + 20, 255 - base], axis=-1) + rng.normal(0, 4, (size, size, 3))
+    pixels = np.stack([base, base * 0.8 + 20, 255 - base], axis=-1) + rng.normal(0, 4, (size, width, 3))
     if defect:
-        pixels[size // 3 : size // 3 + size // 5, size // 2 : size // 2 + size // 5] = [250, 10, 240]
+        pixels[size // 3 : size // 3 + size // 5, width // 2 : width // 2 + size // 5] = [250, 10, 240]
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 

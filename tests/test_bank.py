@@ -41,6 +41,35 @@ def test_defect_scores_above_good_and_is_localised(fitted: Config, tmp_path: Pat
     assert bad.nearest_patch["image"].endswith(".png")
 
 
+def test_a_wide_part_keeps_its_shape_from_ingest_to_map(small_config: Config, tmp_path: Path):
+    """Images 96 x 240: the bank resizes every one to 64 x 160 (short side image_size), the patch
+    grid is 8 x 20, and a defect's map is the image's own shape, peaking where the defect is."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for seed in range(8):
+        textured_image(seed, width=240).save(folder / f"{seed:03d}.png")
+    summary = fit_bank("wide", list_images(folder), small_config)
+    assert summary.patches == 8 * 8 * 20
+    bank = Bank.open("wide", small_config)
+    assert bank.description.extractor.image_shape == [64, 160]
+    textured_image(100, width=240).save(tmp_path / "good.png")
+    textured_image(101, defect=True, width=240).save(tmp_path / "bad.png")
+    results = dict(bank.score_paths([tmp_path / "good.png", tmp_path / "bad.png"]))
+    good, bad = results[tmp_path / "good.png"], results[tmp_path / "bad.png"]
+    assert bad.patch_distances.shape == (8, 20) and bad.anomaly_map.shape == (96, 240)
+    assert bad.verdict == "DEFECT" and good.verdict == "OK"
+    peak_y, peak_x = np.unravel_index(bad.anomaly_map.argmax(), bad.anomaly_map.shape)
+    assert 28 <= peak_y <= 55 and 116 <= peak_x <= 143  # the painted square spans y 32-51, x 120-139
+    # The same images through the torch reference, built from the options and the bank's shape.
+    reference = Bank.open("wide", small_config.replace(runtime="torch"))
+    [(_, again)] = reference.score_paths([tmp_path / "bad.png"])
+    assert again.image_score == pytest.approx(bad.image_score, rel=1e-4)
+    with pytest.raises(BankMismatchError, match="aspect: bank has images resized to \\[64, 160\\]"):
+        Bank.open("wide", small_config.replace(aspect="square"))
+    square = fit_bank("squashed", list_images(folder), small_config.replace(aspect="square"))
+    assert square.patches == 8 * 8 * 8
+
+
 def test_description_records_the_model(fitted: Config):
     store = BankStore(fitted.uri)
     description = store.read_description(store.resolve("texture"))

@@ -19,21 +19,39 @@ from patchcore_milvus.report import worst_cases
 FAST = ["--image-size", "64", "--no-progress"]
 
 
-@pytest.fixture
-def mvtec_like(tmp_path: Path) -> Path:
-    """DATA_ROOT/texture with train/good, test/good, test/blob and ground_truth/blob masks."""
-    root = tmp_path / "data" / "texture"
+def write_mvtec_like(data: Path, width: int = 96) -> Path:
+    """DATA_ROOT/texture with train/good, test/good, test/blob and ground_truth/blob masks, of
+    images 96 tall and `width` wide."""
+    root = data / "texture"
     for folder in ("train/good", "test/good", "test/blob", "ground_truth/blob"):
         (root / folder).mkdir(parents=True)
     for i in range(8):
-        textured_image(i).save(root / "train" / "good" / f"{i:03d}.png")
+        textured_image(i, width=width).save(root / "train" / "good" / f"{i:03d}.png")
     for i in range(4):
-        textured_image(100 + i).save(root / "test" / "good" / f"{i:03d}.png")
-        textured_image(200 + i, defect=True).save(root / "test" / "blob" / f"{i:03d}.png")
-        mask = np.zeros((96, 96), np.uint8)
-        mask[32:51, 48:67] = 255  # where textured_image paints the defect
+        textured_image(100 + i, width=width).save(root / "test" / "good" / f"{i:03d}.png")
+        textured_image(200 + i, defect=True, width=width).save(root / "test" / "blob" / f"{i:03d}.png")
+        mask = np.zeros((96, width), np.uint8)
+        mask[32:51, width // 2 : width // 2 + 19] = 255  # where textured_image paints the defect
         Image.fromarray(mask).save(root / "ground_truth" / "blob" / f"{i:03d}_mask.png")
-    return root.parent
+    return data
+
+
+@pytest.fixture
+def mvtec_like(tmp_path: Path) -> Path:
+    return write_mvtec_like(tmp_path / "data")
+
+
+def test_a_wide_part_is_evaluated_at_its_own_shape(tmp_path: Path):
+    data = write_mvtec_like(tmp_path / "data", width=240)
+    db, out, runner = str(tmp_path / "wide.db"), tmp_path / "report", CliRunner()
+    ingest = runner.invoke(main, ["ingest", str(data), "--category", "texture", "--uri", db, *FAST])
+    assert ingest.exit_code == 0, ingest.output
+    result = runner.invoke(main, ["evaluate", str(data), "--all", "--uri", db, "--report", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())["categories"]["texture"]
+    assert report["bank"]["image_shape"] == [64, 160] and report["pixel_shape"] == [640, 256]
+    assert report["search"]["milvus"]["image_auroc"] == 1.0 and report["search"]["milvus"]["pixel_auroc"] > 0.9
+    assert "images resized to 160 x 64" in (out / "report.md").read_text()
 
 
 def test_evaluate_writes_a_readable_report(mvtec_like: Path, tmp_path: Path):

@@ -8,7 +8,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from patchcore_milvus.errors import ImageError
-from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, list_images, load_rgb, scan_folder
+from patchcore_milvus.images import (
+    NORMALIZATION_STATS,
+    Preprocess,
+    aspect_ratio,
+    input_shape,
+    list_images,
+    load_rgb,
+    scan_folder,
+)
 
 
 def save(tmp_path: Path, image: Image.Image, name: str) -> Path:
@@ -78,6 +86,39 @@ def test_any_size_and_aspect_ratio_gives_the_configured_input():
     assert np.allclose(tensor, 0.0, atol=0.01) and tensor.dtype == np.float32
     cropped = Preprocess(image_size=64, center_crop=48, mean=mean, std=std)
     assert cropped(Image.new("RGB", (10, 99))).shape == (3, 48, 48)
+
+
+def test_a_bank_shape_keeps_the_training_images_aspect_ratio_where_they_share_one():
+    assert input_shape([1.0] * 5, 256, "auto") is None  # square stays square
+    assert input_shape([2.5] * 5, 256, "auto") == (256, 640)  # 1250 x 500: the patch grid follows
+    assert input_shape([0.4] * 5, 256, "keep") == (640, 256)  # portrait
+    assert input_shape([1.33, 1.34, 1.33], 256, "auto") == (256, 336)  # 4:3, long side a multiple of 16
+    assert input_shape([9.0] * 3, 256, "keep") == (256, 1024)  # at most 4:1
+    assert input_shape([2.5] * 5, 256, "square") is None
+    spread = [0.4, 0.6, 0.8, 0.84, 1.3, 1.6, 2.5]  # magnetic tiles: no shape fits them all
+    assert input_shape(spread, 256, "auto") is None
+    assert input_shape(spread, 256, "keep") == (304, 256)  # their median, 0.84
+
+
+def test_the_aspect_ratio_is_read_from_the_header_as_load_rgb_turns_the_image(tmp_path: Path):
+    save(tmp_path, Image.new("RGB", (300, 100)), "wide.png")
+    turned = Image.new("RGB", (300, 100))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    turned.save(tmp_path / "turned.jpg", exif=exif)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert aspect_ratio(tmp_path / "wide.png") == 3.0
+    assert aspect_ratio(tmp_path / "turned.jpg") == pytest.approx(1 / 3)
+    assert load_rgb(tmp_path / "turned.jpg").size == (100, 300)
+    assert aspect_ratio(tmp_path / "broken.png") is None
+
+
+def test_a_non_square_shape_resizes_and_crops_each_axis():
+    mean, std = NORMALIZATION_STATS["imagenet"]
+    wide = Preprocess(image_size=64, center_crop=None, mean=mean, std=std, shape=(64, 160))
+    assert wide(Image.new("RGB", (500, 200))).shape == (3, 64, 160) and wide.input_shape == (64, 160)
+    cropped = Preprocess(image_size=64, center_crop=48, mean=mean, std=std, shape=(64, 160))
+    assert cropped.input_shape == (48, 144) and cropped(Image.new("RGB", (500, 200))).shape == (3, 48, 144)
 
 
 def test_list_images_is_sorted_and_filters_by_suffix(tmp_path: Path):

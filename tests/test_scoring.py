@@ -70,3 +70,16 @@ def test_maps_equal_the_torch_reference():
     reference = F.interpolate(x, size=(900, 700), mode="bilinear", align_corners=False)[0, 0].numpy()
     ours = anomaly_map(grid, Preprocess(256, None, HALF, HALF), sigma, 700, 900)
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-3)
+
+
+def test_a_non_square_input_maps_each_axis_on_its_own_and_blurs_alike():
+    grid = np.zeros((8, 20), dtype=np.float32)  # a 64 x 160 input
+    grid[2, 15] = 5.0
+    wide = Preprocess(64, None, HALF, HALF, shape=(64, 160))
+    amap = anomaly_map(grid, wide, 4.0, 500, 200)
+    assert amap.shape == (200, 500)
+    y, x = np.unravel_index(amap.argmax(), amap.shape)
+    assert abs(y - 2.5 / 8 * 200) <= 4 and abs(x - 15.5 / 20 * 500) <= 4
+    # The blur is 1 px of the 64 px short side in both directions: as wide as it is tall, in input pixels.
+    rows, columns = amap[:, x] / amap.max(), amap[y, :] / amap.max()
+    assert (rows > 0.5).sum() / 200 * 64 == pytest.approx((columns > 0.5).sum() / 500 * 160, rel=0.1)
