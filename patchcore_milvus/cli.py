@@ -274,6 +274,7 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
 def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json: bool, config: Config) -> None:
     """Score images (files, or folders searched recursively) against CATEGORY's bank: score, verdict, map, mask."""
     from patchcore_milvus.bank import Bank
+    from patchcore_milvus.files import remove_stale_temporaries
     from patchcore_milvus.images import IMAGE_SUFFIXES
     from patchcore_milvus.visualize import output_stems, write_outputs
 
@@ -281,6 +282,9 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
         raise ImageError(f"--out names a folder for the outputs (maps, overlays, masks), not a file: {out_dir}")
     paths = _expand(inputs)
     stems = dict(zip(paths, output_stems(paths)))
+    if out_dir is not None and out_dir.is_dir():
+        for path in remove_stale_temporaries(out_dir):  # an earlier query killed while writing
+            click.secho(f"removed {path.name}, left by an interrupted query", fg="yellow", err=True)
     bank = Bank.open(category, config)
     failed = 0
     for path, result in bank.score_paths(paths):

@@ -19,10 +19,37 @@ def _umask() -> int:
     return mask
 
 
+TEMPORARY_PREFIX = ".tmp-"  # then the writer's PID
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files `save_atomically` left in `folder` when its process was killed
+    (those whose writer is no longer running). Returns what was removed."""
+    removed = []
+    for path in folder.glob(f"{TEMPORARY_PREFIX}*"):
+        pid = path.name[len(TEMPORARY_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not process_running(int(pid)) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def save_atomically(target: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file and rename, so a reader never sees a half-written file; the
-    file gets the mode any new file would (0644 under umask 022)."""
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    file gets the mode any new file would (0644 under umask 022). A temporary file left by a killed
+    process is named with its PID, for `remove_stale_temporaries`."""
+    prefix = f"{TEMPORARY_PREFIX}{os.getpid()}-"
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=target.suffix)
     os.close(handle)
     try:
         write(temporary)

@@ -40,6 +40,7 @@ from patchcore_milvus.description import (
 from patchcore_milvus.errors import BankMismatchError, ConfigError, ImageError, IndexTooPoorError, StoreError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
+from patchcore_milvus.files import process_running
 from patchcore_milvus.images import aspect_ratio, input_shape, load_rgb
 from patchcore_milvus.milvus import BankRows, BankStore, validate_category
 from patchcore_milvus.thresholds import RULE, calibrate, holdout_split
@@ -302,21 +303,11 @@ def remove_stale_work_folders() -> list[Path]:
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
         pid = folder.name[len(WORK_PREFIX) :].split("-", 1)[0]
-        if not folder.is_dir() or not pid.isdigit() or _running(int(pid)):
+        if not folder.is_dir() or not pid.isdigit() or process_running(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def fit_bank(

@@ -24,7 +24,7 @@ import numpy as np
 
 from patchcore_milvus.config import stage_threads
 from patchcore_milvus.exact import ExactSearch
-from patchcore_milvus.files import cache_folder, save_atomically
+from patchcore_milvus.files import cache_folder, remove_stale_temporaries, save_atomically
 from patchcore_milvus.milvus import BankStore
 
 # Versions kept in memory: the one a station scores, and the one it just left (a batch in
@@ -87,6 +87,7 @@ class VersionVectors:
     def _save(self, version: str, vectors: np.ndarray) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder)
             save_atomically(self.folder / f"{version}.npy", lambda path: np.save(path, vectors))
         except OSError:  # a cache that cannot be written: read from Milvus again next time
             pass

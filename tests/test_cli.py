@@ -75,6 +75,31 @@ def test_a_full_disk_while_writing_outputs_is_a_message_not_a_traceback(ingested
     assert list((tmp_path / "out").iterdir()) == []  # no half-written or temporary file
 
 
+def test_a_query_killed_while_writing_leaves_nothing_the_next_one_does_not_clear(ingested: str, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    textured_image(100).save(tmp_path / "good.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    # A query SIGKILLed inside save_atomically: its temporary file stays, named with its PID.
+    writer = (
+        "import os, signal, sys; from pathlib import Path; from patchcore_milvus.files import save_atomically; "
+        "save_atomically(Path(sys.argv[1]), lambda p: (Path(p).write_bytes(b'half'), os.kill(os.getpid(), 9)))"
+    )
+    killed = subprocess.run([sys.executable, "-c", writer, str(out / "good_map.npy")], timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    [left] = out.glob(".tmp-*")
+    mine = out / f".tmp-{os.getpid()}-busy.png"  # a live writer's file is not touched
+    mine.write_bytes(b"")
+    result = query(ingested, "--out", str(out), str(tmp_path / "good.png"))
+    assert result.exit_code == 0, result.output
+    assert f"removed {left.name}, left by an interrupted query" in result.output
+    assert not left.exists() and mine.exists() and (out / "good_map.npy").is_file()
+
+
 def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
     (tmp_path / "in" / "a").mkdir(parents=True)
     (tmp_path / "in" / "b").mkdir(parents=True)
@@ -203,6 +228,36 @@ def test_reading_a_bank_file_that_is_not_there_creates_nothing(tmp_path: Path):
         result = CliRunner().invoke(main, [*command, "--uri", str(missing)])
         assert result.exit_code == 2 and f"no Milvus Lite file at {missing}" in result.output, result.output
     assert not missing.exists()
+
+
+def test_a_read_only_bank_file_is_a_message_that_says_so(ingested: str, tmp_path: Path):
+    """A bank on a read-only disk (as root, a read-only bind mount in a mount namespace of its own;
+    otherwise the file's write permission taken away)."""
+    import shutil
+    import subprocess
+    import sys
+
+    textured_image(100).save(tmp_path / "good.png")
+    command = ["query", "--category", "texture", "--uri", ingested, "--image-size", "64", str(tmp_path / "good.png")]
+    cli = [sys.executable, "-c", "from patchcore_milvus.cli import main; main()", *command]
+    folder = Path(ingested).parent
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("root, and no mount namespace for a read-only mount (unshare -m)")
+        script = f'mount --bind -o ro {folder} {folder} && exec "$@"'
+        result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cli], capture_output=True, text=True)
+    else:
+        modes = {p: p.stat().st_mode for p in [Path(ingested), *Path(ingested).rglob("*")]}
+        for path in modes:
+            path.chmod(modes[path] & ~0o222)
+        try:
+            result = subprocess.run(cli, capture_output=True, text=True)
+        finally:
+            for path, mode in modes.items():
+                path.chmod(mode)
+    assert result.returncode == 2, result.stderr
+    assert "is read-only here, and Milvus Lite writes to its file even to read a bank" in result.stderr
+    assert "Traceback" not in result.stderr and "one process at a time" not in result.stderr
 
 
 def test_query_with_another_extractor_is_refused(ingested: str, tmp_path: Path):

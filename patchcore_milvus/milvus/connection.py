@@ -5,8 +5,10 @@ other two of this package, that touches pymilvus."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -27,6 +29,22 @@ logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
+
+
+def _check_writable(path: Path) -> None:
+    """Milvus Lite writes in its file (a folder: a LOCK file, staging, the collections) even to
+    read a bank; on a read-only file or disk it would fail with its own traceback."""
+    if path.exists():
+        needed, what = [path, *[lock for lock in (path / "LOCK",) if lock.exists()]], "it"
+    else:
+        needed, what = [path.parent] if path.parent.is_dir() else [], "its folder"
+    if not all(os.access(p, os.W_OK) for p in needed):
+        raise StoreError(
+            f"cannot open Milvus Lite at {path}: {what} is read-only here, and Milvus Lite writes to its file "
+            "even to read a bank (it locks it). Make it writable, copy it somewhere writable, or serve the "
+            "banks from a Milvus server (--uri http://host:19530)"
+        )
+
 
 # Faults that pass by themselves: the server is (re)starting, stopping, frozen or unreachable for
 # a moment, or reloading collections after a restart.
@@ -136,6 +154,8 @@ class Connection:
         # Milvus Lite's embedded server answers pymilvus' idle keep-alive pings (every 10 s) with
         # GOAWAY "too_many_pings" and a logged error; it is in-process, so idle pings buy nothing.
         options = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000} if self.is_lite else {}
+        if self.is_lite:
+            _check_writable(Path(uri))
         try:
             self.client = self.retry(
                 "connect",
