@@ -112,19 +112,16 @@ class Bank:
         mirror: VersionVectors | None = None,
     ):
         """`search`: every patch (default: Milvus); `precise`: an exact search (default: over
-        `mirror`, the station's copy of each version's vectors, made here unless given; `search`
-        itself where that is given and exact)."""
+        `mirror`, the station's copy of each version's vectors, made here unless given)."""
         self.store = store
         self.category = category  # None: pinned to `version`
         self.features = features
         self.config = config
         self.search: SearchFunction = search or store.search  # every patch, at the bank's width
-        if mirror is None and precise is None and search is None:
+        if mirror is None and precise is None:
             mirror = VersionVectors(store)
         self.mirror = mirror  # also where the eq. 7 candidates' vectors are read, if there is one
-        if precise is None:
-            precise = search if self.mirror is None else self.mirror.precise
-        self.precise: SearchFunction = precise  # the recheck and the eq. 7 neighbours
+        self.precise: SearchFunction = precise or mirror.precise  # the recheck and the eq. 7 neighbours
         self._use(version, description)
 
     @classmethod
@@ -156,10 +153,10 @@ class Bank:
 
     def with_exact_search(self) -> Bank:
         """This version, searched exactly in-process over its vectors read back from Milvus."""
-        exact = self.mirror.exact(self.version) if self.mirror else ExactSearch(self.store.read_vectors(self.version))
-        return Bank.pinned(
-            self.store, self.version, self.description, self.features, self.config, lambda _, v, k, __: exact(v, k)
-        )
+        vectors = self.mirror.vectors(self.version) if self.mirror else self.store.read_vectors(self.version)
+        exact = ExactSearch(vectors)  # on all cores, as evaluate's reference
+        search: SearchFunction = lambda _, v, k, __: exact(v, k)  # noqa: E731
+        return Bank.pinned(self.store, self.version, self.description, self.features, self.config, search, search)
 
     def with_local_search(self, follow_alias: bool = False) -> Bank:
         """Searched on station-side replicas of the bank's versions (`search: local`, see

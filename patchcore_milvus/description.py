@@ -27,6 +27,10 @@ def aggregation(border: str) -> str:
     return AGGREGATION if border == "inside" else f"{AGGREGATION}, border padding counted as zeros"
 
 
+class NewerSchemaError(ValueError):
+    """A description from a later release of this package, which this one cannot read safely."""
+
+
 @dataclass(frozen=True)
 class ExtractorDescription:
     """What turns an image into patch features; a query must use exactly the same."""
@@ -132,6 +136,11 @@ class BankDescription:
         values = json.loads(text)
         if not isinstance(values, dict):
             raise ValueError("not a JSON object")
+        if values.get("schema", 0) > SCHEMA:
+            raise NewerSchemaError(
+                f"written by a newer patchcore-milvus (description schema {values['schema']}, this one reads up to "
+                f"{SCHEMA}); upgrade patchcore-milvus at this station"
+            )
         thresholds = values.get("thresholds")
         return cls(
             category=values["category"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +33,20 @@ def process_running(pid: int) -> bool:
     return True
 
 
+def _writer_prefix(pid: int) -> str:
+    """This host's name and a PID: a folder shared between hosts (NFS) never has another host's
+    live writer taken for a dead one."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+    return f"{TEMPORARY_PREFIX}{host}-{pid}-"
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary files `save_atomically` left in `folder` when its process was killed
-    (those whose writer is no longer running). Returns what was removed."""
+    """Remove the temporary files `save_atomically` on this host left in `folder` when its process
+    was killed (those whose writer is no longer running). Returns what was removed."""
     removed = []
-    for path in folder.glob(f"{TEMPORARY_PREFIX}*"):
-        pid = path.name[len(TEMPORARY_PREFIX) :].split("-", 1)[0]
+    mine = _writer_prefix(0)[:-2]  # the prefix up to the PID
+    for path in folder.glob(f"{mine}*"):
+        pid = path.name[len(mine) :].split("-", 1)[0]
         if pid.isdigit() and not process_running(int(pid)) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -48,7 +57,7 @@ def save_atomically(target: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file and rename, so a reader never sees a half-written file; the
     file gets the mode any new file would (0644 under umask 022). A temporary file left by a killed
     process is named with its PID, for `remove_stale_temporaries`."""
-    prefix = f"{TEMPORARY_PREFIX}{os.getpid()}-"
+    prefix = _writer_prefix(os.getpid())
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=target.suffix)
     os.close(handle)
     try:

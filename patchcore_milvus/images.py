@@ -120,6 +120,8 @@ MAX_ASPECT = 4.0
 def aspect_ratio(path: Path) -> float | None:
     """Width / height as `load_rgb` would orient the image (EXIF rotations swap the sides), from
     the file's header alone; None for a file that is not a readable image (ingest says why later)."""
+    if not Path(path).is_file():  # a FIFO could block; load_rgb reports what it is
+        return None
     try:
         with Image.open(path) as opened:
             width, height = opened.size
@@ -145,7 +147,7 @@ def input_shape(ratios: list[float], image_size: int, aspect: str) -> tuple[int,
         return None
     if abs(median) <= np.log(SQUARE_WITHIN):
         return None
-    long = round(image_size * min(float(np.exp(abs(median))), MAX_ASPECT) / 16) * 16
+    long = max(image_size, round(image_size * min(float(np.exp(abs(median))), MAX_ASPECT) / 16) * 16)
     return (image_size, long) if median > 0 else (long, image_size)
 
 

@@ -642,22 +642,25 @@ def _publish(
         description = replace(description, search=widths, index=IndexDescription(config.index_type, index_params))
         t = time.perf_counter()
         exact = ExactSearch(rows.vectors)
-        exact_bank = Bank.pinned(store, collection, description, features, config, lambda _, q, k, __: exact(q, k))
+        exact_search: SearchFunction = lambda _, q, k, __: exact(q, k)  # noqa: E731
+        exact_bank = Bank.pinned(store, collection, description, features, config, exact_search, exact_search)
         calibration_bank = exact_bank
         keep = contents.calibration
         if len(keep) < len(rows):  # thresholds from the bank without the held-out images' own picks
+            subset = _subset_search(rows.vectors, keep)
             calibration_bank = Bank.pinned(
                 store,
                 collection,
                 replace(description, coreset=replace(description.coreset, size=len(keep))),
                 features,
                 config,
-                _subset_search(rows.vectors, keep),
+                subset,
+                subset,
             )
         thresholds = _calibrate_thresholds(
             calibration_bank,
             exact_bank,
-            Bank.pinned(store, collection, description, features, config, precise=exact_bank.search),
+            Bank.pinned(store, collection, description, features, config, precise=exact_search),
             held_out,
             earlier_holdout,
             config,

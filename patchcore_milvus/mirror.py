@@ -8,8 +8,8 @@ defect patch is unlike any of them (at ef 1024 Milvus Lite missed the nearest ba
 bottle defect patch, which scored 77.85 instead of 75.35).
 
 Milvus stays the one place where banks live: a version's vectors are read from it once, cached
-on disk per version (derived data, rebuilt whenever it is missing or damaged) and checked
-against Milvus (row count, a probe vector) before use.
+on disk per version (derived data, rebuilt whenever it is missing or damaged: the file is named
+with its contents' checksum) and checked against Milvus (row count, a probe vector) before use.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ from patchcore_milvus.milvus import BankStore
 # Versions kept in memory: the one a station scores, and the one it just left (a batch in
 # flight when the alias moves). 21,402 vectors of 152 dims (bottle) take 13 MB.
 VERSIONS_IN_MEMORY = 2
+
+
+def digest(vectors: np.ndarray) -> str:
+    """A short checksum of an array's bytes: names the cached copy and the index built from it."""
+    return hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest()[:16]
 
 
 class VersionVectors:
@@ -72,11 +77,17 @@ class VersionVectors:
             return self._exact[version], self._vectors[version]
 
     def _load(self, version: str) -> np.ndarray | None:
-        """The cached copy if it is readable and matches Milvus: the same row count, and its
-        middle vector equal to Milvus' own."""
-        try:
-            vectors = np.load(self.folder / f"{version}.npy")
-        except (OSError, ValueError):  # missing or damaged: read again
+        """The cached copy if it is intact (its checksum, in its name) and matches Milvus: the
+        same row count, and its middle vector equal to Milvus' own."""
+        vectors = None
+        for path in self.folder.glob(f"{version}.*.npy"):
+            try:
+                loaded = np.load(path)
+            except Exception:  # empty, truncated or not an array (np.load raises several types)
+                continue
+            if isinstance(loaded, np.ndarray) and path.name == f"{version}.{digest(loaded)}.npy":
+                vectors = loaded
+        if vectors is None:
             return None
         rows = self.store.vector_count(version)
         if vectors.ndim != 2 or len(vectors) != rows or rows == 0:
@@ -88,6 +99,8 @@ class VersionVectors:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.folder)
-            save_atomically(self.folder / f"{version}.npy", lambda path: np.save(path, vectors))
+            for old in self.folder.glob(f"{version}.*.npy"):  # damaged or stale copies
+                old.unlink(missing_ok=True)
+            save_atomically(self.folder / f"{version}.{digest(vectors)}.npy", lambda path: np.save(path, vectors))
         except OSError:  # a cache that cannot be written: read from Milvus again next time
             pass

@@ -12,7 +12,6 @@ version's index is built in a background thread while Milvus answers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from patchcore_milvus.config import stage_threads
 from patchcore_milvus.files import save_atomically
 from patchcore_milvus.milvus import BankStore
-from patchcore_milvus.mirror import VERSIONS_IN_MEMORY, VersionVectors
+from patchcore_milvus.mirror import VERSIONS_IN_MEMORY, VersionVectors, digest
 
 
 class Replica:
@@ -92,8 +91,7 @@ class LocalReplicas:
 
     def index_path(self, version: str, vectors: np.ndarray) -> Path:
         """The index file of `version` built from exactly these vectors (their digest in its name)."""
-        digest = hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest()[:16]
-        return self.mirror.folder / f"{version}.{digest}.faiss"
+        return self.mirror.folder / f"{version}.{digest(vectors)}.faiss"
 
     def prepare(self, version: str) -> Replica:
         """The version's replica, built (or loaded from the cache) now."""

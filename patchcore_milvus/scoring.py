@@ -89,7 +89,7 @@ def settle_largest(
 
     `distances`, `ids` (n images, p patches): each patch's approximate nearest bank vector, updated
     in place; `patches` (n, p, dim); `precise(vectors) -> (distances, ids)`, each (m, 1), an exact
-    search (with an approximate one the result is only as good as it).
+    search.
 
     An approximate search returns a real bank vector, so its distance can only be too large:
     a patch not rechecked lies at most at its approximate distance. The image score,
@@ -113,9 +113,10 @@ def settle_largest(
             return checked.sum(axis=1)
         rows, cols = np.concatenate(open_rows), np.concatenate(open_cols)
         found, found_ids = precise(patches[rows, cols])
-        closer = found[:, 0] < distances[rows, cols]
-        distances[rows[closer], cols[closer]] = found[closer, 0]
-        ids[rows[closer], cols[closer]] = found_ids[closer, 0]
+        # The exact answer wins, also where it is larger: an SQ index reports distances on
+        # quantised vectors, which can be too small.
+        distances[rows, cols] = found[:, 0]
+        ids[rows, cols] = found_ids[:, 0]
         checked[rows, cols] = True
 
 

@@ -81,6 +81,8 @@ def test_a_query_killed_while_writing_leaves_nothing_the_next_one_does_not_clear
     import subprocess
     import sys
 
+    from patchcore_milvus.files import _writer_prefix
+
     textured_image(100).save(tmp_path / "good.png")
     out = tmp_path / "out"
     out.mkdir()
@@ -92,12 +94,14 @@ def test_a_query_killed_while_writing_leaves_nothing_the_next_one_does_not_clear
     killed = subprocess.run([sys.executable, "-c", writer, str(out / "good_map.npy")], timeout=60)
     assert killed.returncode == -signal.SIGKILL
     [left] = out.glob(".tmp-*")
-    mine = out / f".tmp-{os.getpid()}-busy.png"  # a live writer's file is not touched
+    mine = out / f"{_writer_prefix(os.getpid())}busy.png"  # a live writer's file is not touched
+    elsewhere = out / ".tmp-otherhost-1-busy.png"  # nor another host's (a shared folder)
+    elsewhere.write_bytes(b"")
     mine.write_bytes(b"")
     result = query(ingested, "--out", str(out), str(tmp_path / "good.png"))
     assert result.exit_code == 0, result.output
     assert f"removed {left.name}, left by an interrupted query" in result.output
-    assert not left.exists() and mine.exists() and (out / "good_map.npy").is_file()
+    assert not left.exists() and mine.exists() and elsewhere.exists() and (out / "good_map.npy").is_file()
 
 
 def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):

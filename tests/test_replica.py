@@ -11,7 +11,7 @@ from conftest import textured_image
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.images import list_images
-from patchcore_milvus.mirror import VersionVectors
+from patchcore_milvus.mirror import VersionVectors, digest
 
 
 @pytest.fixture
@@ -37,7 +37,8 @@ def test_local_search_scores_as_exact_search_and_caches_its_replica(local: Confi
         assert got.image_score == pytest.approx(want.image_score, rel=1e-4) and got.verdict == want.verdict
         np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, rtol=1e-3, atol=1e-3)
     [index] = (tmp_path / "cache").rglob("*.faiss")
-    assert index.name.startswith(f"{bank.version}.") and (index.parent / f"{bank.version}.npy").is_file()
+    [vectors] = (tmp_path / "cache").rglob(f"{bank.version}.*.npy")
+    assert index.name == vectors.name.replace(".npy", ".faiss")  # the index names the vectors it was built from
     written = index.stat().st_mtime_ns
     Bank.open("texture", local)  # loaded from the cache, checked, not rebuilt
     assert index.stat().st_mtime_ns == written
@@ -54,25 +55,36 @@ def test_the_recheck_of_a_milvus_bank_is_exact_over_the_version_s_vectors(local:
     want, want_ids = ExactSearch(vectors)(probes, 3)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    assert len(list((tmp_path / "cache").rglob(f"{bank.version}.npy"))) == 1  # cached for the next process
+    assert len(list((tmp_path / "cache").rglob(f"{bank.version}.*.npy"))) == 1  # cached for the next process
 
 
-@pytest.mark.parametrize("damage", ["a row short", "another middle vector", "not an array"])
+@pytest.mark.parametrize("damage", ["a row short", "another middle vector", "another row", "empty", "not an array"])
 def test_a_cached_copy_that_no_longer_matches_milvus_is_read_again(local: Config, damage: str):
     store = BankStore(local.uri)
     version = store.resolve("texture")
-    good = VersionVectors(store).vectors(version)
-    path = VersionVectors(store).folder / f"{version}.npy"
-    if damage == "a row short":
-        np.save(path, good[:-1])
+    mirror = VersionVectors(store)
+    good = mirror.vectors(version)
+    path = mirror.folder / f"{version}.{digest(good)}.npy"
+    assert path.is_file()
+    path.unlink()
+    if damage == "a row short":  # an intact file (its checksum right) that is not this version
+        np.save(mirror.folder / f"{version}.{digest(good[:-1])}.npy", good[:-1])
     elif damage == "another middle vector":
         changed = good.copy()
         changed[len(good) // 2] += 1
+        np.save(mirror.folder / f"{version}.{digest(changed)}.npy", changed)
+    elif damage == "another row":  # damaged on disk: the checksum in its name no longer fits
+        changed = good.copy()
+        changed[0] += 1
         np.save(path, changed)
+    elif damage == "empty":  # a rename that reached the disk before the data did
+        path.write_bytes(b"")
     else:
         path.write_bytes(b"\x93NUMPY damaged")
     np.testing.assert_array_equal(VersionVectors(store).vectors(version), store.read_vectors(version))
-    np.testing.assert_array_equal(np.load(path), good)  # and cached again
+    [cached] = mirror.folder.glob(f"{version}.*.npy")  # cached again, the bad copy gone
+    assert cached == path
+    np.testing.assert_array_equal(np.load(path), good)
 
 
 def test_a_cache_that_cannot_be_written_still_scores(local: Config, tmp_path: Path, monkeypatch):

@@ -126,6 +126,19 @@ def test_descriptions_longer_than_one_varchar_and_damaged_ones(store: BankStore)
         store.read_description(collection)
 
 
+def test_a_description_from_a_newer_release_says_to_upgrade(store: BankStore):
+    from dataclasses import replace
+
+    from patchcore_milvus.description import SCHEMA
+
+    vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
+    collection = fill(store, "newer", vectors)
+    store.client.delete(sidecar.name_of(collection), ids=[-1], partition_name="description")
+    store.write_description(collection, replace(sample_description("newer", ["a.png"]), schema=SCHEMA + 1))
+    with pytest.raises(StoreError, match=r"written by a newer patchcore-milvus .*upgrade patchcore-milvus"):
+        store.read_description(collection)
+
+
 def test_verification_refuses_an_incomplete_version(store: BankStore):
     vectors = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
     collection = fill(store, "short", vectors)

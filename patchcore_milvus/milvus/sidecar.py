@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from patchcore_milvus.description import BankDescription
+from patchcore_milvus.description import BankDescription, NewerSchemaError
 from patchcore_milvus.errors import StoreError, StoreUnavailableError
 from patchcore_milvus.milvus.connection import Connection
 
@@ -224,6 +224,8 @@ def read_description(connection: Connection, version: str) -> BankDescription | 
     try:
         text = _read_text(connection, layout, DESCRIPTION_PARTITION)
         return None if text is None else BankDescription.from_json(text)
+    except NewerSchemaError as exc:
+        raise StoreError(f"bank version {version} was {exc}") from exc
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise StoreError(f"the description of {version} is damaged ({exc!r}); re-ingest the category") from exc
 
