@@ -394,8 +394,7 @@ def bank_extractor(store: BankStore, version: str, description: BankDescription,
     On `runtime: torch`, with a weights file named, or for a bank that carries no model, the
     extractor is built from the options and must match the bank's checksum exactly."""
     if config.runtime == "torch" or config.weights is not None or description.extractor_model is None:
-        shape = description.extractor.image_shape
-        return FeaturePipeline.from_config(config, None if shape is None else (shape[0], shape[1]))
+        return FeaturePipeline.from_config(config, description.extractor.shape)
     asked = requested_differences(config, description.extractor)
     if asked:
         raise BankMismatchError(

@@ -47,6 +47,11 @@ class ExtractorDescription:
     # [height, width] every image is resized to; None: image_size squared (and before schema 5).
     image_shape: list[int] | None = None
 
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """`image_shape` as (height, width), None for a square bank."""
+        return None if self.image_shape is None else (self.image_shape[0], self.image_shape[1])
+
     def differences(self, query: ExtractorDescription) -> list[str]:
         """The settings that differ from a query's, as readable lines."""
         ours, theirs = asdict(self), asdict(query)

@@ -90,13 +90,13 @@ class FeaturePipeline:
 
 def preprocess_of(description: ExtractorDescription) -> Preprocess:
     """How the extractor described wants its images: size, crop and normalisation."""
-    normalization, shape = description.normalization, description.image_shape
+    normalization = description.normalization
     return Preprocess(
         description.image_size,
         description.center_crop,
         tuple(normalization["mean"]),
         tuple(normalization["std"]),
-        None if shape is None else (shape[0], shape[1]),
+        description.shape,
     )
 
 

@@ -20,7 +20,7 @@ def _umask() -> int:
     return mask
 
 
-TEMPORARY_PREFIX = ".tmp-"  # then the writer's PID
+TEMPORARY_PREFIX = ".tmp-"  # then the writer's host and PID
 
 
 def process_running(pid: int) -> bool:
@@ -33,18 +33,22 @@ def process_running(pid: int) -> bool:
     return True
 
 
-def _writer_prefix(pid: int) -> str:
-    """This host's name and a PID: a folder shared between hosts (NFS) never has another host's
-    live writer taken for a dead one."""
+def _host_prefix() -> str:
+    """The temporary files of this host: a folder shared between hosts (NFS) never has another
+    host's live writer taken for a dead one."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
-    return f"{TEMPORARY_PREFIX}{host}-{pid}-"
+    return f"{TEMPORARY_PREFIX}{host}-"
+
+
+def _writer_prefix(pid: int) -> str:
+    return f"{_host_prefix()}{pid}-"
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Remove the temporary files `save_atomically` on this host left in `folder` when its process
     was killed (those whose writer is no longer running). Returns what was removed."""
     removed = []
-    mine = _writer_prefix(0)[:-2]  # the prefix up to the PID
+    mine = _host_prefix()
     for path in folder.glob(f"{mine}*"):
         pid = path.name[len(mine) :].split("-", 1)[0]
         if pid.isdigit() and not process_running(int(pid)) and path.is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ def digest(vectors: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """One version as a station holds it."""
+
+    exact: ExactSearch
+    vectors: np.ndarray
+    digest: str
+
+
 class VersionVectors:
     """Each bank version's vectors, read from Milvus once per version, and exact search over them."""
 
@@ -44,17 +54,20 @@ class VersionVectors:
         self.store = store
         # One folder per Milvus address, so that two servers' versions never mix.
         self.folder = (cache or cache_folder("banks")) / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
-        self._exact: OrderedDict[str, ExactSearch] = OrderedDict()
-        self._vectors: dict[str, np.ndarray] = {}
+        self._held: OrderedDict[str, _Copy] = OrderedDict()
         self._lock = threading.Lock()
 
     def vectors(self, version: str) -> np.ndarray:
         """All of `version`'s vectors, row i = id i: from memory, the disk cache (checked against
         Milvus) or Milvus itself."""
-        return self._prepare(version)[1]
+        return self._prepare(version).vectors
 
     def exact(self, version: str) -> ExactSearch:
-        return self._prepare(version)[0]
+        return self._prepare(version).exact
+
+    def checksum(self, version: str) -> str:
+        """`digest` of `version`'s vectors: what names its cached copy and anything built from it."""
+        return self._prepare(version).digest
 
     def precise(
         self, version: str, queries: np.ndarray, top_k: int, _: dict[str, Any] | None = None
@@ -62,45 +75,46 @@ class VersionVectors:
         """Exact search over `version` (a `bank.SearchFunction`; search parameters do not apply)."""
         return self.exact(version)(queries, top_k)
 
-    def _prepare(self, version: str) -> tuple[ExactSearch, np.ndarray]:
+    def _prepare(self, version: str) -> _Copy:
         with self._lock:  # one reader per version, whichever thread asks first
-            if version not in self._exact:
-                vectors = self._load(version)
-                if vectors is None:
+            if version not in self._held:
+                loaded = self._load(version)
+                if loaded is None:
                     vectors = self.store.read_vectors(version)
-                    self._save(version, vectors)
-                self._exact[version], self._vectors[version] = ExactSearch(vectors, stage_threads()), vectors
-                while len(self._exact) > VERSIONS_IN_MEMORY:
-                    dropped, _ = self._exact.popitem(last=False)
-                    del self._vectors[dropped]
-            self._exact.move_to_end(version)
-            return self._exact[version], self._vectors[version]
+                    loaded = vectors, digest(vectors)
+                    self._save(version, *loaded)
+                vectors, checksum = loaded
+                self._held[version] = _Copy(ExactSearch(vectors, stage_threads()), vectors, checksum)
+                while len(self._held) > VERSIONS_IN_MEMORY:
+                    self._held.popitem(last=False)
+            self._held.move_to_end(version)
+            return self._held[version]
 
-    def _load(self, version: str) -> np.ndarray | None:
-        """The cached copy if it is intact (its checksum, in its name) and matches Milvus: the
-        same row count, and its middle vector equal to Milvus' own."""
-        vectors = None
+    def _load(self, version: str) -> tuple[np.ndarray, str] | None:
+        """The cached copy and its checksum, if it is intact (the checksum in its name) and
+        matches Milvus: the same row count, and its middle vector equal to Milvus' own."""
+        found = None
         for path in self.folder.glob(f"{version}.*.npy"):
             try:
                 loaded = np.load(path)
             except Exception:  # empty, truncated or not an array (np.load raises several types)
                 continue
             if isinstance(loaded, np.ndarray) and path.name == f"{version}.{digest(loaded)}.npy":
-                vectors = loaded
-        if vectors is None:
+                found = loaded, path.name.split(".")[-2]
+        if found is None:
             return None
-        rows = self.store.vector_count(version)
+        vectors, rows = found[0], self.store.vector_count(version)
         if vectors.ndim != 2 or len(vectors) != rows or rows == 0:
             return None
         probe = self.store.get_vectors(version, [rows // 2])[0]
-        return vectors if np.array_equal(probe, vectors[rows // 2]) else None
+        return found if np.array_equal(probe, vectors[rows // 2]) else None
 
-    def _save(self, version: str, vectors: np.ndarray) -> None:
+    def _save(self, version: str, vectors: np.ndarray, checksum: str) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.folder)
             for old in self.folder.glob(f"{version}.*.npy"):  # damaged or stale copies
                 old.unlink(missing_ok=True)
-            save_atomically(self.folder / f"{version}.{digest(vectors)}.npy", lambda path: np.save(path, vectors))
+            save_atomically(self.folder / f"{version}.{checksum}.npy", lambda path: np.save(path, vectors))
         except OSError:  # a cache that cannot be written: read from Milvus again next time
             pass

@@ -22,7 +22,7 @@ import numpy as np
 from patchcore_milvus.config import stage_threads
 from patchcore_milvus.files import save_atomically
 from patchcore_milvus.milvus import BankStore
-from patchcore_milvus.mirror import VERSIONS_IN_MEMORY, VersionVectors, digest
+from patchcore_milvus.mirror import VERSIONS_IN_MEMORY, VersionVectors
 
 
 class Replica:
@@ -80,7 +80,7 @@ class Replica:
 
 
 class LocalReplicas:
-    """Replicas of a store's bank versions, for `Bank`'s search and precise search."""
+    """Replicas of a store's bank versions, for `Bank`'s search of every patch."""
 
     def __init__(self, store: BankStore, mirror: VersionVectors | None = None):
         self.store = store
@@ -89,9 +89,9 @@ class LocalReplicas:
         self._building: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
-    def index_path(self, version: str, vectors: np.ndarray) -> Path:
-        """The index file of `version` built from exactly these vectors (their digest in its name)."""
-        return self.mirror.folder / f"{version}.{digest(vectors)}.faiss"
+    def index_path(self, version: str) -> Path:
+        """The index file of `version` built from exactly its mirrored vectors (their digest in its name)."""
+        return self.mirror.folder / f"{version}.{self.mirror.checksum(version)}.faiss"
 
     def prepare(self, version: str) -> Replica:
         """The version's replica, built (or loaded from the cache) now."""
@@ -99,7 +99,7 @@ class LocalReplicas:
             if version in self._ready:
                 return self._ready[version]
         vectors = self.mirror.vectors(version)
-        path = self.index_path(version, vectors)
+        path = self.index_path(version)
         replica = Replica.load(path)
         if replica is None or replica.index.ntotal != len(vectors):
             description = self.store.read_description(version)

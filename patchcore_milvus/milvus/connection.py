@@ -35,7 +35,7 @@ def _check_writable(path: Path) -> None:
     """Milvus Lite writes in its file (a folder: a LOCK file, staging, the collections) even to
     read a bank; on a read-only file or disk it would fail with its own traceback."""
     if path.exists():
-        needed, what = [path, *[lock for lock in (path / "LOCK",) if lock.exists()]], "it"
+        needed, what = [p for p in (path, path / "LOCK") if p.exists()], "it"
     else:
         needed, what = [path.parent] if path.parent.is_dir() else [], "its folder"
     if not all(os.access(p, os.W_OK) for p in needed):
