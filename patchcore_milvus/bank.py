@@ -414,6 +414,7 @@ def requested_differences(config: Config, bank: ExtractorDescription) -> list[st
         "image_size": (config.image_size, bank.image_size),
         "center_crop": (config.center_crop, bank.center_crop),
         "target_dim": (config.target_dim, bank.target_dim),
+        "tile": (config.tile, bank.tile),
     }
     lines = [
         f"{name}: bank has {theirs!r}, this query uses {ours!r}"

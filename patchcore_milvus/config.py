@@ -117,6 +117,11 @@ class Config:
         choices=ASPECTS,
     )
     center_crop: int | None = _option(None, "Centre crop after resizing (default: none).")
+    tile: int | None = _option(
+        None,
+        "Run the network on overlapping tiles of this many pixels a side (a multiple of 16), "
+        "for an image_size larger than that: a finer scale for small defects (default: whole images).",
+    )
     normalization: str = _option("imagenet", "Input statistics.", choices=NORMALIZATIONS)
     target_dim: int | None = _option(None, "Pool patch features to this many dims.")
     border: str = _option(
@@ -354,6 +359,15 @@ def _check_values(c: Config) -> None:
     require(
         c.center_crop is None or 32 <= c.center_crop <= c.image_size,
         f"center_crop must lie between 32 and image_size ({c.image_size}), got {c.center_crop}",
+    )
+    require(
+        c.tile is None or (64 <= c.tile <= MAX_IMAGE_SIZE and c.tile % 16 == 0),
+        f"tile must be a multiple of 16 from 64 to {MAX_IMAGE_SIZE} pixels, got {c.tile}",
+    )
+    require(
+        c.tile is None or (c.image_size % 16 == 0 and (c.center_crop or 16) % 16 == 0),
+        f"with tile, image_size and center_crop must be multiples of 16 (tiles lie on the backbone's "
+        f"coarsest grid), got image_size {c.image_size}, center_crop {c.center_crop}",
     )
     require(
         c.target_dim is None or 0 < c.target_dim <= MAX_TARGET_DIM,

@@ -4,7 +4,7 @@ A version's description is stored beside its vectors (see milvus/rows.py) as JSO
 objects are what the rest of the package reads. `SCHEMA` counts format changes: 1 added the
 measured search widths, 2 the extractor model, 3 the held-out images in the bank, 4 dropped the
 recheck width (stations recheck exactly), 5 the input shape of banks whose images are not
-square; older descriptions are read with those left out.
+square, 6 the tile size of tiled extraction; older descriptions are read with those left out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from patchcore_milvus.ann_check import SearchWidths
 
-SCHEMA = 5
+SCHEMA = 6
 
 # How patch features are aggregated (PatchCore eq. 2): recorded, so a query can be held to it.
 AGGREGATION = "avg_pool 3x3 stride 1, coarse map bilinear to the stride-8 grid, concat"
@@ -46,6 +46,8 @@ class ExtractorDescription:
     dim: int
     # [height, width] every image is resized to; None: image_size squared (and before schema 5).
     image_shape: list[int] | None = None
+    # The side of the tiles the network runs on (tiling.py); None: whole images (and before schema 6).
+    tile: int | None = None
 
     @property
     def shape(self) -> tuple[int, int] | None:

@@ -59,6 +59,8 @@ def cache_key(config: Config, image_shape: tuple[int, int] | None = None) -> str
     options += [config.normalization, _version("torch"), _version("timm")]
     if image_shape is not None:  # square inputs keep the keys they had before shapes were recorded
         options.append(list(image_shape))
+    if config.tile is not None:  # and whole images those from before tiling
+        options.append({"tile": config.tile})
     digest.update(json.dumps(options).encode())
     here = Path(__file__).parent
     for name in _SOURCES:

@@ -18,12 +18,13 @@ from patchcore_milvus.config import Config, stage_threads
 from patchcore_milvus.description import ExtractorDescription, ExtractorModel
 from patchcore_milvus.errors import BankMismatchError
 from patchcore_milvus.images import Preprocess
+from patchcore_milvus.tiling import run_tiled, tile_shape
 
 
 class FeaturePipeline:
     """Preprocessing plus extractor: (B, 3, H, W) float32 batches -> (B, H/8, W/8, D) patch
-    features; with the description a bank records to refuse mismatches, and, on ONNX Runtime,
-    the model itself."""
+    features (tile by tile where the description has a tile, see tiling.py); with the description
+    a bank records to refuse mismatches, and, on ONNX Runtime, the model itself."""
 
     def __init__(
         self,
@@ -62,7 +63,10 @@ class FeaturePipeline:
                 return extractor(torch.from_numpy(batch)).numpy()
 
             return cls(description, run)
-        model = torch_extractor.export_onnx(extractor, preprocess_of(description).input_shape)
+        shape = preprocess_of(description).input_shape
+        if description.tile is not None:
+            shape = tile_shape(shape, description.tile)
+        model = torch_extractor.export_onnx(extractor, shape)
         if key is not None:
             exported.save(key, description, model)
         return cls(description, _onnx_session(model, config.num_threads), model)
@@ -85,7 +89,10 @@ class FeaturePipeline:
         return self.description.dim
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(np.ascontiguousarray(batch, dtype=np.float32))
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.description.tile is not None:
+            return run_tiled(self.run, batch, self.description.tile)
+        return self.run(batch)
 
 
 def preprocess_of(description: ExtractorDescription) -> Preprocess:

@@ -65,6 +65,7 @@ def build(
         target_dim=config.target_dim,
         dim=extractor.dim,
         image_shape=None if image_shape is None else list(image_shape),
+        tile=config.tile,
     )
     return extractor, description
 
