@@ -261,7 +261,9 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+# readable=False: a file this user may not read is skipped with its reason and the others are
+# scored (click's own check would stop the whole command before the first image).
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, readable=False, path_type=Path))
 @click.option("--category", required=True, help="Which bank to score against.")
 @click.option(
     "--out",

@@ -84,6 +84,8 @@ def load_rgb(path: Path) -> Image.Image:
         raise ImageError(f"{path}: refused, too large to decode safely ({exc})") from exc
     except MemoryError:
         raise
+    except PermissionError as exc:
+        raise ImageError(f"{path}: this user may not read it ({exc.strerror}); check its permissions") from exc
     except Exception as exc:  # PIL's plugins raise anything on a damaged file: TypeError, KeyError, ...
         raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     return _to_rgb(image, path)

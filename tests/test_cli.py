@@ -168,6 +168,32 @@ def test_query_text_lines_and_a_bad_file(ingested: str, tmp_path: Path):
     assert "1 of 2 files could not be scored" in result.output
 
 
+def test_query_skips_a_file_this_user_may_not_read_and_scores_the_others(
+    ingested: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As a user without read permission on one file (root reads everything, so the denial is
+    what the kernel answers a non-root user: os.access false, open raising PermissionError)."""
+    import builtins
+    import os
+
+    textured_image(100).save(tmp_path / "good.png")
+    textured_image(101).save(tmp_path / "noperm.png")
+    denied = str(tmp_path / "noperm.png")
+    access, opener = os.access, builtins.open
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != denied and access(path, mode, **kw))
+
+    def guarded_open(file, *args, **kwargs):
+        if str(file) == denied:
+            raise PermissionError(13, "Permission denied", denied)
+        return opener(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    result = query(ingested, denied, str(tmp_path / "good.png"))
+    assert result.exit_code == 1, result.output
+    assert "noperm.png: this user may not read it (Permission denied); check its permissions" in result.output
+    assert "good.png  score " in result.output and "1 of 2 files could not be scored" in result.output
+
+
 def test_query_says_what_a_folder_left_out_and_keeps_each_result_on_one_line(ingested: str, tmp_path: Path):
     folder = tmp_path / "parts"
     folder.mkdir()

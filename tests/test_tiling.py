@@ -1,6 +1,7 @@
 """Tiled extraction: where the tiles lie, that stitching puts each patch in its place, and a tiled
 bank from ingest to map on real Milvus Lite."""
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from patchcore_milvus.tiling import axis_tiles, margin, run_tiled
 def test_tiles_cover_the_axis_once_and_keep_their_margin(length: int, tile: int):
     tiles = axis_tiles(length, tile)
     assert tiles[0][1] == 0 and tiles[-1][2] == length
-    for (_, _, end), (_, first, _) in zip(tiles, tiles[1:]):
+    for (_, _, end), (_, first, _) in pairwise(tiles):
         assert end == first  # each patch from exactly one tile
     for origin, first, end in tiles:
         assert origin % 16 == 0 and first % 8 == 0 and end % 8 == 0
