@@ -43,6 +43,7 @@ from patchcore_milvus.mvtec import ground_truth, labelled_test_images, train_fol
 
 SETS = ["../shared/data/mvtec_ad:bottle", "../shared/data/magnetic_tile_defect:magnetic_tile"]
 PIXEL_SIZE = 256
+INPUT_SIZE = 256  # both sides' input: anomalib's squash
 
 
 def anomalib_metrics(data_root: Path, category: str, ratio: float, batch_size: int) -> tuple[dict, float, float]:
@@ -52,7 +53,7 @@ def anomalib_metrics(data_root: Path, category: str, ratio: float, batch_size: i
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     torch.manual_seed(0)  # its coreset starts at a random patch
-    transform = Patchcore.configure_pre_processor(image_size=(256, 256)).transform
+    transform = Patchcore.configure_pre_processor(image_size=(INPUT_SIZE, INPUT_SIZE)).transform
     model = PatchcoreModel(layers=["blocks.2", "blocks.4"], backbone="tf_efficientnet_lite0", pre_trained=False)
     model.feature_extractor.feature_extractor.load_state_dict(build_backbone("efficientnet_lite0").body.state_dict())
 
@@ -104,8 +105,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # Squashed to 256 x 256 as anomalib does, unless an option says otherwise (`aspect=keep`).
-    options = {"aspect": "square", **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}}
+    # Squashed to 256 x 256 as anomalib does (whatever this project's defaults), unless an option
+    # says otherwise (`aspect=keep`, `image_size=384`).
+    given = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = {"aspect": "square", "image_size": INPUT_SIZE, **given}
     rows = []
     for spec in args.set or SETS:
         root, category = spec.rsplit(":", 1)

@@ -13,8 +13,9 @@ process' peak memory. Pixel metrics at 256 px (short side) whatever the input si
 - `bottle_band`: MVTec AD bottle cut to its middle 900 x 360 band (2.5:1, the shape of a long
   part), masks cut alike, defect images whose defect lies outside the band left out. Written to
   a temporary folder on each run, never into the repository.
+- `bottle_grey`: bottle converted to grey, the same way (a grey set with bottle's defects).
 
-    python benchmarks/candidates.py --ratio 0.01        # the default candidates on bottle and magnetic_tile
+    python benchmarks/candidates.py                     # the candidates below on bottle and magnetic_tile
     python benchmarks/candidates.py --set bottle_band --set magnetic_tile \
         --candidate aspect=square --candidate aspect=keep
 """
@@ -46,18 +47,18 @@ MAGNETIC = Path("../shared/data/magnetic_tile_defect")
 BAND = (900, 360)  # width, height of the band cut from bottle's 900 x 900 images
 PIXEL_SIZE = 256
 
-# The defaults first, then one change each: what issue 16 lists to measure (aspect: see
-# bottle_band; bottle and the magnetic tiles are squared by `auto` either way).
+# 256 px (anomalib's squash and the default before) first, then one change each: what issue 16
+# lists to measure (aspect: see bottle_band; bottle and the magnetic tiles are squared by `auto`).
 CANDIDATES = [
-    "defaults",
-    "coreset_ratio=0.1",
+    "image_size=256",
+    "image_size=256,coreset_ratio=0.1",
     "image_size=320",
     "image_size=384",
     "image_size=448",
     "image_size=512",
     "image_size=512,tile=256",
-    "center_crop=224",
-    "normalization=backbone",
+    "image_size=256,center_crop=224",
+    "image_size=256,normalization=backbone",
 ]
 
 
@@ -85,6 +86,19 @@ def bottle_band(target: Path) -> Path:
                     continue  # the defect lies outside the band: not a defect image of this set
             cut(image.mask_path, root / "bottle_band" / "ground_truth" / image.defect / image.mask_path.name)
         cut(image.path, root / "bottle_band" / "test" / name)
+    return root
+
+
+def bottle_grey(target: Path) -> Path:
+    """bottle in grey (8-bit, one channel; masks as they are) under `target`; returns its DATA_ROOT:
+    a second grey set beside the magnetic tiles, with bottle's own defects."""
+    source = MVTEC / "bottle"
+    root = target / "derived"
+    for path in source.rglob("*.png"):
+        out = root / "bottle_grey" / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as image:
+            (image if "ground_truth" in path.parts else image.convert("L")).save(out)
     return root
 
 
@@ -131,7 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--candidate", action="append", help='"k=v[,k=v]" or "defaults" (repeatable; the first is the reference)'
     )
-    parser.add_argument("--set", action="append", choices=["bottle", "magnetic_tile", "bottle_band"])
+    parser.add_argument("--set", action="append", choices=["bottle", "magnetic_tile", "bottle_band", "bottle_grey"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     candidates = args.candidate or CANDIDATES
@@ -140,6 +154,7 @@ def main() -> None:
             "bottle": lambda: MVTEC,
             "magnetic_tile": lambda: MAGNETIC,
             "bottle_band": lambda: bottle_band(Path(work)),
+            "bottle_grey": lambda: bottle_grey(Path(work)),
         }
         columns = ["set", "candidate", "image AUROC", "pixel AUROC", "AUPRO", "difference from the first"]
         columns += ["input (w x h)", "patches", "ingest s", "ms/img", "time ratio", "bank", "peak GiB"]

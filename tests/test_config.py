@@ -11,8 +11,8 @@ from patchcore_milvus.errors import ConfigError
 def test_defaults_are_the_documented_configuration():
     config = load_config()
     assert config.backbone == "efficientnet_lite0"
-    assert config.image_size == 256 and config.center_crop is None
-    assert config.coreset_ratio == 0.1 and config.projection_dim == 128
+    assert config.image_size == 384 and config.center_crop is None
+    assert config.coreset_ratio == 0.01 and config.projection_dim == 128
     assert config.index_type == "HNSW" and config.effective_index_params == {"M": 16, "efConstruction": 200}
     assert config.border == "zeros"  # anomalib's 3x3 average; README, "Beside anomalib"
     assert config.uri.endswith(".db")

@@ -122,8 +122,8 @@ def test_onnx_runtime_gives_torch_s_features_on_real_images(bottle_root, tmp_pat
 
     from patchcore_milvus.images import list_images, load_rgb
 
-    onnx = FeaturePipeline.from_config(Config())
-    reference = FeaturePipeline.from_config(Config(runtime="torch"))
+    onnx = FeaturePipeline.from_config(Config(image_size=256))
+    reference = FeaturePipeline.from_config(Config(image_size=256, runtime="torch"))
     assert onnx.model is not None and reference.model is None and onnx.description == reference.description
     paths = list_images(bottle_root / "test" / "broken_large")[:4] + list_images(bottle_root / "test" / "good")[:4]
     batch = np.stack([onnx.preprocess(load_rgb(path)) for path in paths])
