@@ -3,9 +3,10 @@
 For each set and each candidate (a few config options; the first is compared against), one
 ingest and one `evaluate` (Milvus search) on a fresh Milvus Lite file, in a process of its own
 (so that its peak memory is its own), and one row per run: image AUROC, pixel AUROC, AUPRO and
-their differences from the first candidate, the shape images are resized to, patches per image,
-ingest seconds, ms per test image and its ratio to the first candidate's, the bank's size, the
-process' peak memory. Pixel metrics at 256 px (short side) whatever the input size.
+their differences from the first candidate, false positives and negatives at the stored
+thresholds, the shape images are resized to, patches per image, ingest seconds, ms per test image
+and its ratio to the first candidate's, the bank's size, the process' peak memory. Pixel metrics
+at 256 px (short side) whatever the input size.
 
 - `bottle` (../shared/data/mvtec_ad): square, large defects.
 - `magnetic_tile` (../shared/data/magnetic_tile_defect): grey tiles of many shapes (aspect
@@ -119,8 +120,10 @@ def run(data_root: Path, category: str, config: Config, threads: int) -> dict:
     evaluation = evaluate_category(bank, category, data_root / category, "milvus", PIXEL_SIZE, progress=False)
     metrics = evaluation.report["search"]["milvus"]
     height, width = bank.features.preprocess.input_shape
+    at = metrics["at_threshold"]
     return {
         **{k: metrics[k] for k in HEADLINE_METRICS},
+        "fp_fn": f"{at['false_positives']} / {at['false_negatives']}",
         "shape": f"{width} x {height}",
         "patches": -(-height // 8) * -(-width // 8),
         "ingest_s": ingest_seconds,
@@ -134,8 +137,8 @@ def row(name: str, candidate: str, r: dict, first: dict) -> str:
     deltas = " / ".join(f"{r[k] - first[k]:+.4f}" for k in HEADLINE_METRICS)
     values = " | ".join(f"{r[k]:.4f}" for k in HEADLINE_METRICS)
     return (
-        f"| {name} | {candidate} | {values} | {deltas} | {r['shape']} | {r['patches']} | {r['ingest_s']:.1f} | "
-        f"{r['ms']:.1f} | {r['ms'] / first['ms']:.2f}x | {r['bank']} | {r['peak_gib']:.2f} |"
+        f"| {name} | {candidate} | {values} | {deltas} | {r['fp_fn']} | {r['shape']} | {r['patches']} | "
+        f"{r['ingest_s']:.1f} | {r['ms']:.1f} | {r['ms'] / first['ms']:.2f}x | {r['bank']} | {r['peak_gib']:.2f} |"
     )
 
 
@@ -156,7 +159,7 @@ def main() -> None:
             "bottle_band": lambda: bottle_band(Path(work)),
             "bottle_grey": lambda: bottle_grey(Path(work)),
         }
-        columns = ["set", "candidate", "image AUROC", "pixel AUROC", "AUPRO", "difference from the first"]
+        columns = ["set", "candidate", "image AUROC", "pixel AUROC", "AUPRO", "difference from the first", "FP / FN"]
         columns += ["input (w x h)", "patches", "ingest s", "ms/img", "time ratio", "bank", "peak GiB"]
         rows = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         for name in args.set or ["bottle", "magnetic_tile"]:

@@ -43,7 +43,7 @@ from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.features import FeaturePipeline
 from patchcore_milvus.images import list_images, load_rgb
 from patchcore_milvus.milvus import BankStore
-from patchcore_milvus.milvus.rows import BANK_PARTITION, VECTOR_FIELD
+from patchcore_milvus.milvus.rows import BANK_PARTITION, MAX_NQ, VECTOR_FIELD
 from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # queries -> (distances, ids), k = 1
@@ -85,15 +85,17 @@ def per_hit_search(store: BankStore, collection: str, params: dict) -> Search:
     cost that `columnar_search` removes."""
 
     def search(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        hits = store.client.search(
-            collection,
-            data=queries,
-            anns_field=VECTOR_FIELD,
-            limit=1,
-            output_fields=["id"],
-            partition_names=[BANK_PARTITION],
-            search_params={"metric_type": "L2", "params": params},
-        )
+        hits = []
+        for start in range(0, len(queries), MAX_NQ):  # Milvus' limit on queries per call, as rows.search keeps
+            hits += store.client.search(
+                collection,
+                data=queries[start : start + MAX_NQ],
+                anns_field=VECTOR_FIELD,
+                limit=1,
+                output_fields=["id"],
+                partition_names=[BANK_PARTITION],
+                search_params={"metric_type": "L2", "params": params},
+            )
         squared = np.array([h.distances[0] for h in hits], dtype=np.float32)[:, None]
         return np.sqrt(squared), np.array([h.ids[0] for h in hits])[:, None]
 
