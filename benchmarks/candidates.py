@@ -18,7 +18,7 @@ at 256 px (short side) whatever the input size.
 
     python benchmarks/candidates.py                     # the candidates below on bottle and magnetic_tile
     python benchmarks/candidates.py --set bottle_band --set magnetic_tile \
-        --candidate aspect=square --candidate aspect=keep
+        --candidate image_size=256,aspect=square --candidate image_size=256,aspect=keep
 """
 
 from __future__ import annotations

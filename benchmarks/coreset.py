@@ -63,7 +63,7 @@ def main() -> None:
 
     paths = list_images(args.data / args.category / "train" / "good")[: args.images]
     with tempfile.TemporaryDirectory() as folder:
-        pipeline = FeaturePipeline.from_config(Config())
+        pipeline = FeaturePipeline.from_config(Config(image_size=256))  # its README figures' size
         patches = extract_patches(pipeline, paths, 8, 128, args.seed, Path(folder), progress=True)
         features = torch.from_numpy(np.array(patches.full))
     projected = patches.projected

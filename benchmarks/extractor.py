@@ -25,7 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     paths = list_images(args.data / "bottle" / "test", recursive=True)[:8]
     runtimes = {
-        name: FeaturePipeline.from_config(Config(runtime=name, num_threads=args.threads)) for name in ("torch", "onnx")
+        name: FeaturePipeline.from_config(Config(runtime=name, num_threads=args.threads, image_size=256))
+        for name in ("torch", "onnx")
     }
     batch = np.stack([runtimes["onnx"].preprocess(load_rgb(path)) for path in paths])
     outputs, timings = {}, {}

@@ -45,6 +45,7 @@ def ingest_in_this_process(spec: dict) -> None:
         weights=spec["weights"],
         coreset_size=spec["coreset_size"],
         coreset_ratio=spec["coreset_ratio"],
+        image_size=256,  # the size its copies are written at and its README figures were measured at
         progress=False,
     )
     summary = fit_bank("bottle", [Path(p) for p in spec["images"]], config)

@@ -61,6 +61,7 @@ def main() -> None:
                 uri=str(Path(folder) / "bench.db"),
                 normalization=normalization,
                 coreset_ratio=args.coreset_ratio,
+                image_size=256,  # the size its README figures are at
                 progress=False,
             )
             rows[normalization] = evaluate(root, config, f"{args.category}_{normalization}")

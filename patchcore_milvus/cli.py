@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -66,7 +67,17 @@ def _pairs(values: tuple[str, ...]) -> dict[str, Any] | None:
     return pairs
 
 
-EXTRACTOR = ["backbone", "weights", "image_size", "aspect", "center_crop", "normalization", "target_dim", "border"]
+EXTRACTOR = [
+    "backbone",
+    "weights",
+    "image_size",
+    "aspect",
+    "center_crop",
+    "tile",
+    "normalization",
+    "target_dim",
+    "border",
+]
 
 # Reaching Milvus.
 CONNECTION = [
@@ -250,6 +261,8 @@ def _expand(inputs: tuple[Path, ...]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
+            if not os.access(item, os.R_OK | os.X_OK):  # rglob would find nothing and say no more
+                raise ImageError(f"{item}: this user may not read the folder; check its permissions")
             found, left_out = scan_folder(item, recursive=True)
             _say(left_out)
             if not found:

@@ -405,7 +405,10 @@ def _ingest(
         seconds["features"] = time.perf_counter() - t
         t = time.perf_counter()
         n_patches = len(patches.positions)
-        limit = coreset_size(n_patches, config.coreset_ratio, config.coreset_size)
+        ratio = config.coreset_ratio
+        if grown is not None and ratio == Config().coreset_ratio:  # not set: the grown bank's own share
+            ratio = grown.description.coreset.ratio
+        limit = coreset_size(n_patches, ratio, config.coreset_size)
         if grown is None:
             picks, radius = greedy_coreset(patches.projected, limit, config.seed, config.progress)
             far = n_patches

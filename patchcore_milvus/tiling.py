@@ -1,8 +1,8 @@
 """Large inputs through the extractor in overlapping tiles (`tile`): small defects on large images.
 
 An image resized to a large `image_size` (a finer scale: each patch covers fewer of its pixels)
-goes through the network tile by tile, each `tile` pixels a side, the size the network sees at
-the default scale. Neighbouring tiles overlap by at least twice a margin, and each patch of the stitched
+goes through the network tile by tile, each `tile` pixels a side (e.g. 256, anomalib's input).
+Neighbouring tiles overlap by at least twice a margin, and each patch of the stitched
 grid comes from the tile whose own border lies farthest from it, so no patch is taken from next
 to a tile's edge, where the network's zero padding shows. The stitched grid has the patches the
 whole input would have (H/8, W/8), so the bank, the search and the maps go on as for any input.
@@ -24,7 +24,7 @@ STRIDE = 8  # input pixels per patch
 
 def margin(tile: int) -> int:
     """Input pixels next to each tile edge whose patches are not kept where another tile has them:
-    an eighth of the tile, a multiple of 16 (32 for 256-pixel tiles)."""
+    an eighth of the tile rounded down to a multiple of 16, at least 16 (32 for 256-pixel tiles)."""
     return max(ALIGN, tile // 8 // ALIGN * ALIGN)
 
 
@@ -37,11 +37,8 @@ def axis_tiles(length: int, tile: int) -> list[tuple[int, int, int]]:
         return [(0, 0, length)]
     step = tile - 2 * margin(tile)  # the farthest apart two neighbouring tiles may lie
     count = -(-(length - tile) // step) + 1
-    while True:
-        origins = [i * (length - tile) // (count - 1) // ALIGN * ALIGN for i in range(count)]
-        if max(b - a for a, b in pairwise(origins)) <= step:
-            break
-        count += 1  # rounding the origins to the 16 grid spread two of them too far
+    # Even spacing is at most `step`; rounding down to the 16 grid keeps it so, as `step` is a multiple of 16.
+    origins = [i * (length - tile) // (count - 1) // ALIGN * ALIGN for i in range(count)]
     # Where two tiles overlap, the boundary lies in the middle of the overlap (on the patch grid).
     cuts = [(a + tile + b) // 2 // STRIDE * STRIDE for a, b in pairwise(origins)]
     return list(zip(origins, [0, *cuts], [*cuts, length]))

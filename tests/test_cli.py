@@ -194,6 +194,21 @@ def test_query_skips_a_file_this_user_may_not_read_and_scores_the_others(
     assert "good.png  score " in result.output and "1 of 2 files could not be scored" in result.output
 
 
+def test_query_says_so_when_this_user_may_not_read_a_folder(
+    ingested: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import os
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    textured_image(100).save(folder / "good.png")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != str(folder) and access(path, mode, **kw))
+    result = query(ingested, str(folder))
+    assert result.exit_code != 0 and "this user may not read the folder; check its permissions" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_query_says_what_a_folder_left_out_and_keeps_each_result_on_one_line(ingested: str, tmp_path: Path):
     folder = tmp_path / "parts"
     folder.mkdir()

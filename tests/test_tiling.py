@@ -44,6 +44,8 @@ def test_stitching_puts_every_patch_where_the_whole_image_has_it():
         return x.reshape(b, c, h // 8, 8, w // 8, 8).mean(axis=(3, 5)).transpose(0, 2, 3, 1)
 
     assert np.array_equal(run_tiled(own_pixels, batch, 128), own_pixels(batch))
+    narrow = batch[:, :, :96]  # shorter than a tile on one axis: one row of tiles, 96 x 128 each
+    assert np.array_equal(run_tiled(own_pixels, narrow, 128), own_pixels(narrow))
 
     def place_in_tile(x: np.ndarray) -> np.ndarray:
         b, _, h, w = x.shape
@@ -97,6 +99,20 @@ def test_a_tiled_bank_scores_at_its_finer_scale_and_refuses_another_tile(small_c
     assert again.image_score == pytest.approx(bad.image_score, rel=1e-4)
     with pytest.raises(BankMismatchError, match="tile: bank has 64, this query uses 128"):
         Bank.open("tiled", config.replace(tile=128))
+
+
+def test_ingest_takes_the_tile_as_a_flag(good_folder: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from patchcore_milvus.cli import main
+    from patchcore_milvus.milvus import BankStore
+
+    uri = str(tmp_path / "flag.db")
+    settings = ["--images", str(good_folder), "--uri", uri, "--image-size", "128", "--tile", "64", "--no-progress"]
+    result = CliRunner().invoke(main, ["ingest", "--category", "flagged", *settings, "--coreset-ratio", "0.25"])
+    assert result.exit_code == 0, result.output
+    store = BankStore(uri)
+    assert store.read_description(store.resolve("flagged")).extractor.tile == 64
 
 
 @pytest.mark.parametrize(
