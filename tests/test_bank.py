@@ -225,6 +225,22 @@ def test_append_grows_the_bank_with_a_new_variant_and_keeps_the_old(fitted: Conf
     assert again.coreset_size < 0.1 * summary.coreset_size + 2
 
 
+def test_append_without_a_coreset_share_takes_the_grown_bank_s(fitted: Config, tmp_path: Path):
+    """The bank was fitted at 25 %; an append that leaves `coreset_ratio` at its default (1 %) may
+    still add up to 25 % of its new patches, so a new variant is not cut short by another share."""
+    from PIL import Image as PILImage
+
+    from patchcore_milvus.ingest import append_to_bank
+
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for i in range(20, 28):
+        textured_image(i).transpose(PILImage.Transpose.ROTATE_90).save(variant / f"{i}.png")
+    summary = append_to_bank("texture", list_images(variant), fitted.replace(coreset_ratio=Config().coreset_ratio))
+    assert summary.coreset_size > round(0.01 * summary.patches)  # more than the default share would allow
+    assert summary.coreset_size <= round(0.25 * summary.patches)
+
+
 def test_append_of_images_the_bank_already_covers_adds_nothing_and_keeps_the_version(
     fitted: Config, good_folder: Path, tmp_path: Path
 ):
