@@ -261,7 +261,7 @@ def main() -> None:
         print(f"| {name} | {steady:.0f} | {ANOMALIB_MS / steady:.2f}x | {one:.2f} | {ingest_s} | {width} |")
 
     per_batch = config.batch_size
-    print(f"\n{len(paths)} bottle test images, {per_batch} images (x 1,024 patches) per search call, k = 1")
+    print(f"\n{len(paths)} bottle test images, {per_batch} images (x {per_image:,} patches) per search call, k = 1")
     index = config.effective_index_params
     hnsw_params = f"M {index['M']}, efConstruction {index['efConstruction']}, ef {params['ef']}"
     print(f"bank {len(vectors)} x {vectors.shape[1]}, HNSW {hnsw_params}")
