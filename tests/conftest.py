@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from patchcore_milvus.bank import Bank, Inspection
 from patchcore_milvus.config import Config
 from patchcore_milvus.description import (
     BankDescription,
@@ -57,6 +58,15 @@ def textured_image(seed: int, size: int = 96, defect: bool = False, width: int |
     if defect:
         pixels[size // 3 : size // 3 + size // 5, width // 2 : width // 2 + size // 5] = [250, 10, 240]
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def score_good_and_bad(bank: Bank, folder: Path, width: int | None = None) -> tuple[Inspection, Inspection]:
+    """`bank`'s inspections of a good and a defective `textured_image` (seeds 100 and 101, `width`
+    wide), written to `folder` as good.png and bad.png."""
+    textured_image(100, width=width).save(folder / "good.png")
+    textured_image(101, defect=True, width=width).save(folder / "bad.png")
+    results = dict(bank.score_paths([folder / "good.png", folder / "bad.png"]))
+    return results[folder / "good.png"], results[folder / "bad.png"]
 
 
 @pytest.fixture

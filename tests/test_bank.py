@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import textured_image
+from conftest import score_good_and_bad, textured_image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
 from patchcore_milvus.ann_check import SearchWidths
@@ -26,11 +26,7 @@ def fitted(good_folder: Path, small_config: Config) -> Config:
 
 
 def test_defect_scores_above_good_and_is_localised(fitted: Config, tmp_path: Path):
-    textured_image(100).save(tmp_path / "good.png")
-    textured_image(101, defect=True).save(tmp_path / "bad.png")
-    bank = Bank.open("texture", fitted)
-    results = dict(bank.score_paths([tmp_path / "good.png", tmp_path / "bad.png"]))
-    good, bad = results[tmp_path / "good.png"], results[tmp_path / "bad.png"]
+    good, bad = score_good_and_bad(Bank.open("texture", fitted), tmp_path)
     assert bad.image_score > 3 * good.image_score
     assert bad.verdict == "DEFECT"
     assert bad.anomaly_map.shape == (96, 96)
@@ -52,10 +48,7 @@ def test_a_wide_part_keeps_its_shape_from_ingest_to_map(small_config: Config, tm
     assert summary.patches == 8 * 8 * 20
     bank = Bank.open("wide", small_config)
     assert bank.description.extractor.image_shape == [64, 160]
-    textured_image(100, width=240).save(tmp_path / "good.png")
-    textured_image(101, defect=True, width=240).save(tmp_path / "bad.png")
-    results = dict(bank.score_paths([tmp_path / "good.png", tmp_path / "bad.png"]))
-    good, bad = results[tmp_path / "good.png"], results[tmp_path / "bad.png"]
+    good, bad = score_good_and_bad(bank, tmp_path, width=240)
     assert bad.patch_distances.shape == (8, 20) and bad.anomaly_map.shape == (96, 240)
     assert bad.verdict == "DEFECT" and good.verdict == "OK"
     peak_y, peak_x = np.unravel_index(bad.anomaly_map.argmax(), bad.anomaly_map.shape)

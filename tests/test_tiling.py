@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import textured_image
+from conftest import score_good_and_bad, textured_image
 
 from patchcore_milvus import Bank, Config, fit_bank
 from patchcore_milvus.errors import BankMismatchError, ConfigError
@@ -86,10 +86,7 @@ def test_a_tiled_bank_scores_at_its_finer_scale_and_refuses_another_tile(small_c
     assert summary.patches == 8 * 16 * 16
     bank = Bank.open("tiled", config.replace(tile=None))  # the bank carries its tiling
     assert bank.description.extractor.tile == 64 and bank.description.schema == 6
-    textured_image(100).save(tmp_path / "good.png")
-    textured_image(101, defect=True).save(tmp_path / "bad.png")
-    results = dict(bank.score_paths([tmp_path / "good.png", tmp_path / "bad.png"]))
-    good, bad = results[tmp_path / "good.png"], results[tmp_path / "bad.png"]
+    good, bad = score_good_and_bad(bank, tmp_path)
     assert bad.patch_distances.shape == (16, 16) and bad.anomaly_map.shape == (96, 96)
     assert bad.verdict == "DEFECT" and good.verdict == "OK"
     peak_y, peak_x = np.unravel_index(bad.anomaly_map.argmax(), bad.anomaly_map.shape)
