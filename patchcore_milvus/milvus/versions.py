@@ -225,13 +225,15 @@ class BankStore:
 
     def current_version(self, category: str) -> str | None:
         """The collection the category's alias points at, None if it has none."""
-        # Looked up through the category's versions: asking Milvus for a missing alias logs an error.
+        # Every alias first (asking Milvus for a missing alias logs an error), and not through the
+        # collections: Milvus Lite reads every collection of the file from disk to list them.
         validate_category(category)
-        for name in self._version_names(category):
-            aliases = self.connection.call("list_aliases", lambda c, t, name=name: c.list_aliases(name, timeout=t))
-            if category in aliases["aliases"]:
-                return name
-        return None
+        aliases = self.connection.call("list_aliases", lambda c, t: c.list_aliases(timeout=t))
+        if category not in aliases["aliases"]:
+            return None
+        described = self.connection.call("describe_alias", lambda c, t: c.describe_alias(category, timeout=t))
+        name = described["collection_name"]
+        return name if category_of(name) == category else None
 
     def follow_alias(self, category: str) -> str:
         """The alias' target in one call, for stations checking before each batch."""
