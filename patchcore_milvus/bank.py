@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -214,45 +216,60 @@ class Bank:
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Inspection | ImageError]]:
         """Score files in batches; a file that is not a usable image yields its error and the rest go on.
 
-        A worker thread decodes the next batch and extracts its features while this one is being
-        searched: Milvus' time overlaps with the CPU's.
+        Three stages overlap, each in its own thread: while one batch is searched and scored,
+        the next goes through the extractor and the one after is decoded (PIL and ONNX Runtime
+        release the GIL), so that the search waits neither for the decoder nor for the network.
         """
         batches = _batched(paths, self.config.batch_size)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-extract") as worker:
-            pending = _next_batch(worker, batches, self.load_and_extract)
-            while pending is not None:
-                extracted = pending.result()
-                pending = _next_batch(worker, batches, self.load_and_extract)
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-decode") as decoder,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-extract") as extractor,
+        ):
+
+            def submit(batch: list[Path]) -> Future[Extracted]:
+                decoded = decoder.submit(self.load, batch)
+                return extractor.submit(lambda: self.extract(decoded.result()))
+
+            pending = deque(submit(batch) for batch in itertools.islice(batches, PIPELINE_DEPTH))
+            while pending:
+                extracted = pending.popleft().result()
+                batch = next(batches, None)
+                if batch is not None:
+                    pending.append(submit(batch))
                 yield from extracted.errors
                 if extracted.names:
                     yield from ((Path(result.path), result) for result in self.score_extracted(extracted))
 
     def score_images(self, images: list[Image.Image], names: list[str]) -> list[Inspection]:
         """Score RGB images: all their patches go to Milvus in one search with top_k = 1."""
-        return self.score_extracted(self._extract(images, names, [0.0] * len(images)))
+        return self.score_extracted(self.extract(Decoded(names, images, [0.0] * len(images))))
 
     def load_and_extract(self, paths: list[Path]) -> Extracted:
         """Decode `paths` and extract their patch features: one batch, ready for `score_extracted`."""
-        images, loaded, load_ms, errors = [], [], [], []
+        return self.extract(self.load(paths))
+
+    def load(self, paths: list[Path]) -> Decoded:
+        """Decode `paths`; a file that is not a usable image is kept with its error."""
+        decoded = Decoded([], [], [])
         for path in paths:
             start = time.perf_counter()
             try:
-                images.append(load_rgb(path))
+                decoded.images.append(load_rgb(path))
             except ImageError as exc:
-                errors.append((path, exc))
+                decoded.errors.append((path, exc))
                 continue
-            loaded.append(str(path))
-            load_ms.append((time.perf_counter() - start) * 1000)
-        extracted = self._extract(images, loaded, load_ms)
-        extracted.errors = errors
-        return extracted
+            decoded.names.append(str(path))
+            decoded.load_ms.append((time.perf_counter() - start) * 1000)
+        return decoded
 
-    def _extract(self, images: list[Image.Image], names: list[str], load_ms: list[float]) -> Extracted:
+    def extract(self, decoded: Decoded) -> Extracted:
+        """The decoded batch's patch features (resized and normalised first)."""
         start = time.perf_counter()
         patches = None
-        if images:
-            patches = self.features(np.stack([self.features.preprocess(image) for image in images]))
-        return Extracted(names, images, patches, load_ms, (time.perf_counter() - start) * 1000)
+        if decoded.images:
+            patches = self.features(np.stack([self.features.preprocess(image) for image in decoded.images]))
+        extract_ms = (time.perf_counter() - start) * 1000
+        return Extracted(decoded.names, decoded.images, patches, decoded.load_ms, extract_ms, decoded.errors)
 
     def score_extracted(self, extracted: Extracted) -> list[Inspection]:
         """Inspections of one extracted batch, all from one bank version."""
@@ -358,6 +375,16 @@ class Bank:
 
 
 @dataclass
+class Decoded:
+    """One batch of image files, decoded."""
+
+    names: list[str]
+    images: list[Image.Image]
+    load_ms: list[float]
+    errors: list[tuple[Path, ImageError]] = field(default_factory=list)
+
+
+@dataclass
 class Extracted:
     """One batch, decoded and through the feature extractor."""
 
@@ -369,6 +396,10 @@ class Extracted:
     errors: list[tuple[Path, ImageError]] = field(default_factory=list)
 
 
+# Batches in flight while one is scored: one in the extractor, one being decoded.
+PIPELINE_DEPTH = 2
+
+
 def _batched(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
     batch: list[Path] = []
     for path in paths:
@@ -378,13 +409,6 @@ def _batched(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:
             batch = []
     if batch:
         yield batch
-
-
-def _next_batch(
-    worker: ThreadPoolExecutor, batches: Iterator[list[Path]], job: Callable[[list[Path]], Extracted]
-) -> Future[Extracted] | None:
-    batch = next(batches, None)
-    return None if batch is None else worker.submit(job, batch)
 
 
 def bank_extractor(store: BankStore, version: str, description: BankDescription, config: Config) -> FeaturePipeline:
