@@ -7,6 +7,11 @@ efConstruction; IVF: nlist), cached on disk per version beside the vectors it wa
 Every patch is searched at the bank's search width; the recheck of each image's largest distances
 and the eq. 7 neighbours are exact, as for `search: milvus`. When the alias moves, the new
 version's index is built in a background thread while Milvus answers.
+
+A bank of up to `EXACT_UP_TO` vectors is searched exhaustively instead, exact and no slower: on
+one core of this 2-core machine, one 384 px image's 2,304 patches took 61.9 ms against bottle's
+4,815 vectors of 152 dims, 68.4 ms in HNSW at ef 64 (recall@1 0.9996); against 10,000 training
+patches 121.8 against 72.2 ms (`python benchmarks/local_search.py --uri bottle.db`).
 """
 
 from __future__ import annotations
@@ -24,19 +29,31 @@ from patchcore_milvus.files import save_atomically
 from patchcore_milvus.milvus import BankStore
 from patchcore_milvus.mirror import VERSIONS_IN_MEMORY, VersionVectors
 
+# Banks this small are searched exhaustively (see the module's docstring).
+EXACT_UP_TO = 6144
+
 
 class Replica:
-    """One version's vectors in a faiss index with the bank's index parameters."""
+    """One version's vectors in a faiss index with the bank's index parameters (exhaustive for a
+    bank of up to `EXACT_UP_TO` vectors)."""
 
     def __init__(self, index: Any):
         self.index = index
+
+    @property
+    def exhaustive(self) -> bool:
+        import faiss
+
+        return isinstance(self.index, faiss.IndexFlat)
 
     @classmethod
     def build(cls, vectors: np.ndarray, index_type: str, index_params: dict[str, Any]) -> Replica:
         import faiss
 
         dim = vectors.shape[1]
-        if index_type.startswith("HNSW"):
+        if len(vectors) <= EXACT_UP_TO:
+            index = faiss.IndexFlatL2(dim)
+        elif index_type.startswith("HNSW"):
             index = faiss.IndexHNSWFlat(dim, int(index_params["M"]))
             index.hnsw.efConstruction = int(index_params["efConstruction"])
         else:  # IVF_FLAT, IVF_SQ8: the same lists, vectors kept unquantised
@@ -50,7 +67,9 @@ class Replica:
         import faiss
 
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
-        if "ef" in params:
+        if self.exhaustive:
+            options = None
+        elif "ef" in params:
             options = faiss.SearchParametersHNSW(efSearch=max(int(params["ef"]), top_k))
         else:
             options = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]))
@@ -101,7 +120,8 @@ class LocalReplicas:
         vectors = self.mirror.vectors(version)
         path = self.index_path(version)
         replica = Replica.load(path)
-        if replica is None or replica.index.ntotal != len(vectors):
+        exhaustive = len(vectors) <= EXACT_UP_TO
+        if replica is None or replica.index.ntotal != len(vectors) or replica.exhaustive != exhaustive:
             description = self.store.read_description(version)
             replica = Replica.build(vectors, description.index.type, description.index.params)
             with contextlib.suppress(OSError):  # a cache that cannot be written: built again next time

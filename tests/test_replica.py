@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import textured_image
 
-from patchcore_milvus import Bank, BankStore, Config, fit_bank
+from patchcore_milvus import Bank, BankStore, Config, fit_bank, replica
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.images import list_images
 from patchcore_milvus.mirror import VersionVectors, digest
@@ -29,9 +29,17 @@ def queries(folder: Path) -> list[Path]:
     return paths
 
 
-def test_local_search_scores_as_exact_search_and_caches_its_replica(local: Config, tmp_path: Path):
+@pytest.mark.parametrize("kind", ["exhaustive", "HNSW"])
+def test_local_search_scores_as_exact_search_and_caches_its_replica(
+    local: Config, tmp_path: Path, monkeypatch, kind: str
+):
+    """A bank this small is searched exhaustively; HNSW is what a larger one gets."""
+    if kind == "HNSW":
+        monkeypatch.setattr(replica, "EXACT_UP_TO", 0)
     paths = queries(tmp_path)
     bank = Bank.open("texture", local)
+    built = replica.Replica.load(next((tmp_path / "cache").rglob("*.faiss")))
+    assert built is not None and built.exhaustive == (kind == "exhaustive")
     exact = Bank.open("texture", local.replace(search="milvus")).with_exact_search()
     for (_, got), (_, want) in zip(bank.score_paths(paths), exact.score_paths(paths)):
         assert got.image_score == pytest.approx(want.image_score, rel=1e-4) and got.verdict == want.verdict
