@@ -1,4 +1,6 @@
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,24 @@ def test_the_aspect_ratio_is_read_from_the_header_as_load_rgb_turns_the_image(tm
     assert aspect_ratio(tmp_path / "turned.jpg") == pytest.approx(1 / 3)
     assert load_rgb(tmp_path / "turned.jpg").size == (100, 300)
     assert aspect_ratio(tmp_path / "broken.png") is None
+
+
+def test_a_png_s_exif_orientation_counts_before_or_after_its_pixels(tmp_path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    Image.new("RGB", (300, 100)).save(tmp_path / "before.png", exif=exif)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (300, 100)).save(plain)
+    data = plain.read_bytes()
+    payload = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif\x00\x00") else exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+    (tmp_path / "after.png").write_bytes(data[:end] + chunk + data[end:])
+    for name in ("before.png", "after.png"):
+        assert load_rgb(tmp_path / name).size == (100, 300)
+        assert aspect_ratio(tmp_path / name) == pytest.approx(1 / 3)
+    assert aspect_ratio(plain) == 3.0
 
 
 def test_a_non_square_shape_resizes_and_crops_each_axis():
