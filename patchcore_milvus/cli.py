@@ -421,6 +421,37 @@ def collections(config: Config) -> None:
 
 
 @main.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (not loopback: needs --token)."
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option(
+    "--token",
+    envvar="PATCHCORE_MILVUS_TOKEN",
+    help="API token every request must send as 'Authorization: Bearer <token>' (env PATCHCORE_MILVUS_TOKEN).",
+)
+@click.option(
+    "--category",
+    "categories",
+    multiple=True,
+    help="Open this category's bank before answering (repeatable); others open on their first request.",
+)
+@click.option(
+    "--queue", "queue_size", default=64, show_default=True, type=click.IntRange(1), help="Images that may wait."
+)
+@config_options(*SCORING, "search")
+def serve(
+    host: str, port: int, token: str | None, categories: tuple[str, ...], queue_size: int, config: Config
+) -> None:
+    """Answer inspections over HTTP: POST /v1/inspect?category=C with an image (see README)."""
+    from patchcore_milvus import service
+
+    service.check_token_rule(host, token)
+    click.echo(f"serving {shown_uri(config.uri)} on http://{host}:{port} (Ctrl-C stops)")
+    service.serve(config, host, port, token, categories, queue_size)
+
+
+@main.command()
 @click.argument("category")
 @config_options(*CONNECTION)
 def history(category: str, config: Config) -> None:

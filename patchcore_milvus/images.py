@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -66,8 +67,18 @@ def load_rgb(path: Path) -> Image.Image:
     if not Path(path).is_file():
         what = "does not exist" if not Path(path).exists() else "is not a regular file"
         raise ImageError(f"{path}: {what}")
+    return _read_rgb(path, str(path))
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """`load_rgb` for an image's bytes (an upload), `name` in the messages."""
+    return _read_rgb(io.BytesIO(data), name)
+
+
+def _read_rgb(source: Path | io.BytesIO, path: str) -> Image.Image:
+    """`path`: what messages call the image."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             width, height = opened.size
             if min(width, height) < MIN_SIDE:
                 raise ImageError(f"{path}: {width}x{height} pixels is too small (at least {MIN_SIDE} on each side)")
@@ -92,7 +103,7 @@ def load_rgb(path: Path) -> Image.Image:
     return _to_rgb(image, path)
 
 
-def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+def _to_rgb(image: Image.Image, path: str) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float grey: stretch the value range to 8 bits instead of clipping it.
         values = np.asarray(image, dtype=np.float64)

@@ -1,0 +1,193 @@
+"""`serve`: the HTTP service of a station, against a real Milvus Lite bank (in process through
+FastAPI's test client, and once as the real command on a loopback socket)."""
+
+import io
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import textured_image
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from patchcore_milvus import Bank, BankStore, Config, fit_bank
+from patchcore_milvus.errors import ConfigError
+from patchcore_milvus.images import list_images
+from patchcore_milvus.service import Inspector, check_token_rule, create_app
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GOOD, BAD = png(textured_image(100)), png(textured_image(101, defect=True))
+
+
+@pytest.fixture
+def banked(good_folder: Path, small_config: Config) -> Config:
+    fit_bank("texture", list_images(good_folder), small_config)
+    return small_config
+
+
+def inspector_of(config: Config, queue_size: int = 64) -> Inspector:
+    return Inspector(config, BankStore.from_config(config, existing=True), queue_size)
+
+
+@pytest.fixture
+def client(banked: Config):
+    inspector = inspector_of(banked)
+    inspector.start()
+    with TestClient(create_app(inspector)) as client:
+        yield client
+    inspector.stop()
+
+
+def test_an_inspection_over_http_is_the_bank_s_own_with_its_regions_and_pictures(client: TestClient, banked: Config):
+    bank = Bank.open("texture", banked)
+    want_good, want_bad = bank.score_images([textured_image(100), textured_image(101, defect=True)], ["g", "b"])
+    good = client.post("/v1/inspect?category=texture", content=GOOD).json()
+    bad = client.post("/v1/inspect?category=texture&name=bad.png", content=BAD).json()
+    assert (good["verdict"], bad["verdict"]) == ("OK", "DEFECT")
+    assert good["score"] == pytest.approx(want_good.image_score, rel=1e-5)
+    assert bad["score"] == pytest.approx(want_bad.image_score, rel=1e-5)
+    assert bad["name"] == "bad.png" and bad["bank_version"] == bank.version and good["regions"] == []
+    # The blob is 19 x 19 pixels from (48, 32): the largest region holds its centre and peaks
+    # above the pixel threshold; the regions partition the mask.
+    region = bad["regions"][0]
+    left, top, right, bottom = region["box"]
+    assert left <= 57 < right and top <= 41 < bottom
+    assert region["peak"] > bad["pixel_threshold"]
+    assert sum(r["area"] for r in bad["regions"]) == bad["defect_pixels"]
+    assert {"decode", "queue", "extract", "search", "post"} <= set(bad["ms"])
+    amap = np.load(io.BytesIO(client.get(bad["links"]["map"]).content))
+    np.testing.assert_allclose(amap, want_bad.anomaly_map, rtol=1e-4, atol=1e-4)
+    mask = np.asarray(Image.open(io.BytesIO(client.get(bad["links"]["mask"]).content))) > 0
+    assert mask.sum() == bad["defect_pixels"] > 0
+    overlay = Image.open(io.BytesIO(client.get(bad["links"]["overlay"]).content))
+    assert overlay.format == "PNG" and overlay.width >= 2 * 96
+    assert client.get("/v1/inspections/0000/map.npy").status_code == 404
+
+
+def test_a_multipart_upload_and_bad_requests_get_the_reason(client: TestClient, banked: Config):
+    sent = client.post("/v1/inspect?category=texture", files={"image": ("part.png", BAD, "image/png")})
+    assert sent.status_code == 200 and sent.json()["verdict"] == "DEFECT" and sent.json()["name"] == "part.png"
+    cases = [
+        ("/v1/inspect?category=texture", b"not an image", 400, "not a readable image"),
+        ("/v1/inspect?category=texture", b"", 400, "no image in the request"),
+        ("/v1/inspect?category=nothing_here", GOOD, 404, "no bank for category 'nothing_here'"),
+        ("/v1/inspect?category=../x", GOOD, 400, "invalid category name"),
+    ]
+    for url, body, status, reason in cases:
+        answer = client.post(url, content=body)
+        assert answer.status_code == status and reason in answer.json()["detail"], (url, answer.text)
+    assert client.post("/v1/inspect", content=GOOD).status_code == 422  # no category at all
+    small = inspector_of(banked)
+    with TestClient(create_app(small, max_upload_bytes=1000)) as limited:
+        answer = limited.post("/v1/inspect?category=texture", content=GOOD)
+        assert answer.status_code == 413 and "at most 1000" in answer.json()["detail"]
+
+
+def test_a_full_queue_is_answered_503_at_once(banked: Config):
+    inspector = inspector_of(banked, queue_size=1)  # its worker not started yet: the queue stays full
+    waiting = inspector.submit("texture", textured_image(100), "waiting")
+    with TestClient(create_app(inspector)) as client:
+        started = time.monotonic()
+        answer = client.post("/v1/inspect?category=texture", content=GOOD)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert time.monotonic() - started < 10
+        assert 'patchcore_refused_requests_total{reason="busy"} 1.0' in client.get("/metrics").text
+    inspector.start()
+    assert waiting.result(timeout=120).verdict == "OK"
+    inspector.stop()
+
+
+def test_requests_waiting_together_are_scored_in_one_search(banked: Config):
+    inspector = inspector_of(banked)
+    images = [textured_image(100), textured_image(101, defect=True), textured_image(102), textured_image(103)]
+    futures = [inspector.submit("texture", image, f"{i}") for i, image in enumerate(images)]
+    inspector.start()  # finds all four queued: one batch (batch_size 4)
+    results = [future.result(timeout=120) for future in futures]
+    inspector.stop()
+    alone = Bank.open("texture", banked).score_images(images, [str(i) for i in range(4)])
+    assert [r.image_score for r in results] == pytest.approx([a.image_score for a in alone], rel=1e-5)
+    text = inspector.metrics.text().decode()
+    assert "patchcore_batch_images_count 1.0" in text and "patchcore_batch_images_sum 4.0" in text
+
+
+def test_categories_health_and_metrics(client: TestClient, banked: Config):
+    client.post("/v1/inspect?category=texture", content=GOOD)
+    [listed] = client.get("/v1/categories").json()["categories"]
+    version = BankStore(banked.uri).resolve("texture")
+    assert listed["category"] == "texture" and listed["version"] == version
+    assert listed["thresholds"]["image"] > 0 and listed["thresholds"]["pixel"] > 0
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["banks"] == {"texture": version}
+    metrics = client.get("/metrics").text
+    assert 'patchcore_inspections_total{category="texture",verdict="OK"} 1.0' in metrics
+    assert "patchcore_inspection_seconds_count 1.0" in metrics
+
+
+def test_a_new_bank_version_reaches_the_service_through_the_alias(client: TestClient, banked: Config, good_folder):
+    first = client.post("/v1/inspect?category=texture", content=GOOD).json()["bank_version"]
+    fit_bank("texture", list_images(good_folder), banked.replace(coreset_size=40))
+    second = client.post("/v1/inspect?category=texture", content=GOOD).json()["bank_version"]
+    assert second != first and second == BankStore(banked.uri).resolve("texture")
+
+
+def test_a_token_is_required_beyond_loopback_and_checked(banked: Config):
+    with pytest.raises(ConfigError, match="reachable from other machines"):
+        check_token_rule("0.0.0.0", None)
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_token_rule(host, None)
+    inspector = inspector_of(banked)
+    inspector.start()
+    with TestClient(create_app(inspector, token="s3cret")) as client:
+        assert client.post("/v1/inspect?category=texture", content=GOOD).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert client.post("/v1/inspect?category=texture", content=GOOD, headers=wrong).status_code == 401
+        assert client.get("/metrics").status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/inspect?category=texture", content=GOOD, headers=right).status_code == 200
+        assert client.get("/healthz").status_code == 200  # for probes, without the token
+    inspector.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_serve_command_answers_on_a_loopback_socket(good_folder: Path, tmp_path: Path):
+    cli = [sys.executable, "-c", "from patchcore_milvus.cli import main; main()"]
+    uri = str(tmp_path / "station.db")  # a Lite file serves one process: ingested by a child as well
+    settings = ["--category", "texture", "--images", str(good_folder), "--uri", uri, "--image-size", "64"]
+    subprocess.run([*cli, "ingest", *settings, "--coreset-ratio", "0.25", "--no-progress"], check=True)
+    port = _free_port()
+    serve = [*cli, "serve", "--uri", uri]
+    refused = subprocess.run([*serve, "--host", "0.0.0.0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "give an API token" in refused.stderr and "Traceback" not in refused.stderr
+    server = subprocess.Popen([*serve, "--port", str(port), "--category", "texture"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve never answered"
+            time.sleep(0.3)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/inspect?category=texture", content=BAD, timeout=60)
+        assert answer.status_code == 200 and answer.json()["verdict"] == "DEFECT"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
