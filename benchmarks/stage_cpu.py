@@ -67,7 +67,9 @@ def stage_split(bank: Bank, paths: list[Path], size: int) -> dict[str, float]:
     starts = range(0, n, size)
     features, extract = cpu_ms(lambda: [bank.features(np.stack(inputs[i : i + size])) for i in starts], n)
     batches = [
-        Extracted([str(p) for p in paths[i : i + size]], images[i : i + size], features[k], [0.0] * size, 0.0)
+        Extracted(
+            [str(p) for p in paths[i : i + size]], images[i : i + size], features[k], [0.0] * size, 0.0, bank.features
+        )
         for k, i in enumerate(starts)
     ]
     _, search_post = cpu_ms(lambda: [bank.score_extracted(b) for b in batches], n)

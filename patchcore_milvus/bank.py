@@ -83,6 +83,9 @@ class Inspection:
         }
 
 
+# Batches in flight while one is scored: one in the extractor, one being decoded.
+PIPELINE_DEPTH = 2
+
 # (version, vectors, top_k, search params) -> (Euclidean distances, ids), each (n, top_k).
 SearchFunction = Callable[[str, np.ndarray, int, dict[str, Any]], tuple[np.ndarray, np.ndarray]]
 
@@ -264,20 +267,23 @@ class Bank:
 
     def extract(self, decoded: Decoded) -> Extracted:
         """The decoded batch's patch features (resized and normalised first)."""
+        features = self.features  # once: a refresh may swap it meanwhile (see score_extracted)
         start = time.perf_counter()
         patches = None
         if decoded.images:
-            patches = self.features(np.stack([self.features.preprocess(image) for image in decoded.images]))
+            patches = features(np.stack([features.preprocess(image) for image in decoded.images]))
         extract_ms = (time.perf_counter() - start) * 1000
-        return Extracted(decoded.names, decoded.images, patches, decoded.load_ms, extract_ms, decoded.errors)
+        return Extracted(decoded.names, decoded.images, patches, decoded.load_ms, extract_ms, features, decoded.errors)
 
     def score_extracted(self, extracted: Extracted) -> list[Inspection]:
         """Inspections of one extracted batch, all from one bank version."""
         t1 = time.perf_counter()
-        images, patches = extracted.images, extracted.patches
-        n, h, w, dim = patches.shape
         for attempt in (1, 2):
             self.refresh()
+            if extracted.features is not self.features:  # the new version has another extractor
+                extracted = self.extract(Decoded(extracted.names, extracted.images, extracted.load_ms))
+            images, patches = extracted.images, extracted.patches
+            n, h, w, dim = patches.shape
             version, provenance = self.version, self.provenance
             try:
                 found = self._search_batch(version, patches.reshape(n, h * w, dim))
@@ -393,11 +399,8 @@ class Extracted:
     patches: np.ndarray | None  # (n, h, w, dim); None for a batch with no usable image
     load_ms: list[float]
     extract_ms: float  # the whole batch
+    features: FeaturePipeline  # the extractor that made `patches`
     errors: list[tuple[Path, ImageError]] = field(default_factory=list)
-
-
-# Batches in flight while one is scored: one in the extractor, one being decoded.
-PIPELINE_DEPTH = 2
 
 
 def _batched(paths: Iterable[Path], size: int) -> Iterator[list[Path]]:

@@ -140,6 +140,26 @@ def test_batches_scored_while_the_next_is_extracted_give_the_same_results(fitted
         assert set(result.timings_ms) == {"load", "extract", "search", "post"}
 
 
+def test_batches_extracted_before_a_version_with_another_extractor_are_extracted_again(
+    fitted: Config, good_folder: Path, tmp_path: Path
+):
+    """A station open on the 64 px bank, re-ingested at 48 px: the batches its pipeline extracted
+    with the old extractor are not searched against the new version as they are."""
+    paths = [tmp_path / f"{i}.png" for i in range(7)]
+    for i, path in enumerate(paths):
+        textured_image(300 + i, defect=i % 3 == 0).save(path)
+    station_config = fitted.replace(batch_size=3, image_size=Config().image_size)  # the bank's own extractor
+    station = Bank.open("texture", station_config)
+    fit_bank("texture", list_images(good_folder), fitted.replace(image_size=48))
+    results = dict(station.score_paths(paths))
+    fresh = Bank.open("texture", station_config)
+    assert station.version == fresh.version and station.features.description.image_size == 48
+    for path in paths:
+        [alone] = fresh.score_images([load_rgb(path)], [str(path)])
+        assert results[path].bank_version == fresh.version
+        assert results[path].image_score == pytest.approx(alone.image_score, rel=1e-5)
+
+
 def test_reingest_replaces_the_bank_and_failed_ingest_keeps_the_old(fitted: Config, good_folder: Path):
     store = BankStore(fitted.uri)
     first = store.resolve("texture")
