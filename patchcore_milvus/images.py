@@ -139,8 +139,13 @@ def aspect_ratio(path: Path) -> float | None:
     try:
         with Image.open(path) as opened:
             width, height = opened.size
-            # PIL decodes a whole PNG to look for EXIF after its pixels (5.2 s of bottle's ingest)
-            orientation = _png_orientation(path) if opened.format == "PNG" else opened.getexif().get(0x0112)
+            if opened.format == "PNG":
+                # PIL's PNG getexif() decodes the whole image to look for EXIF after the pixels
+                # (`python benchmarks/aspect_read.py`); the base class reads what came before them
+                # (an eXIf chunk, a raw EXIF profile, XMP), and the chunk headers say the rest.
+                orientation = Image.Image.getexif(opened).get(0x0112) or _png_orientation(path)
+            else:
+                orientation = opened.getexif().get(0x0112)
             if orientation in (5, 6, 7, 8):  # turned by 90 degrees
                 width, height = height, width
     except Exception:  # anything PIL raises for a damaged file; load_rgb reports it
@@ -149,8 +154,8 @@ def aspect_ratio(path: Path) -> float | None:
 
 
 def _png_orientation(path: Path) -> int | None:
-    """The EXIF orientation of a PNG, from its eXIf chunk wherever it is, reading chunk headers
-    only (the pixel data is skipped)."""
+    """The EXIF orientation in a PNG's eXIf chunk wherever it is, reading chunk headers only (the
+    pixel data is skipped)."""
     with open(path, "rb") as file:
         file.seek(8)  # the signature
         while len(header := file.read(8)) == 8:

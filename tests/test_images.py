@@ -127,10 +127,32 @@ def test_a_png_s_exif_orientation_counts_before_or_after_its_pixels(tmp_path: Pa
     chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload))
     end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
     (tmp_path / "after.png").write_bytes(data[:end] + chunk + data[end:])
-    for name in ("before.png", "after.png"):
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    Image.new("RGB", (300, 100)).save(tmp_path / "xmp.png", pnginfo=_text_chunk("XML:com.adobe.xmp", xmp))
+    for name in ("before.png", "after.png", "xmp.png"):
         assert load_rgb(tmp_path / name).size == (100, 300)
         assert aspect_ratio(tmp_path / name) == pytest.approx(1 / 3)
     assert aspect_ratio(plain) == 3.0
+
+
+def _text_chunk(key: str, value: bytes):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt(key, value.decode())
+    return info
+
+
+def test_the_aspect_ratio_of_a_png_is_read_without_decoding_its_pixels(tmp_path: Path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    Image.new("RGB", (300, 100)).save(tmp_path / "wide.png")
+
+    def refuse(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", refuse)
+    assert aspect_ratio(tmp_path / "wide.png") == 3.0
 
 
 def test_a_non_square_shape_resizes_and_crops_each_axis():
