@@ -231,7 +231,12 @@ class BankStore:
         aliases = self.connection.call("list_aliases", lambda c, t: c.list_aliases(timeout=t))
         if category not in aliases["aliases"]:
             return None
-        described = self.connection.call("describe_alias", lambda c, t: c.describe_alias(category, timeout=t))
+        try:
+            described = self.connection.call("describe_alias", lambda c, t: c.describe_alias(category, timeout=t))
+        except StoreUnavailableError:
+            raise
+        except StoreError:  # dropped since it was listed
+            return None
         name = described["collection_name"]
         return name if category_of(name) == category else None
 
