@@ -52,6 +52,19 @@ def test_local_search_scores_as_exact_search_and_caches_its_replica(
     assert index.stat().st_mtime_ns == written
 
 
+def test_a_cached_index_of_the_other_kind_is_built_again(local: Config, tmp_path: Path, monkeypatch):
+    """An HNSW index cached for a bank that is now small enough to search exhaustively (or the
+    reverse, after EXACT_UP_TO changed) is not used as it is."""
+    default = replica.EXACT_UP_TO
+    monkeypatch.setattr(replica, "EXACT_UP_TO", 0)
+    Bank.open("texture", local)
+    [cached] = (tmp_path / "cache").rglob("*.faiss")
+    assert not replica.Replica.load(cached).exhaustive
+    monkeypatch.setattr(replica, "EXACT_UP_TO", default)
+    Bank.open("texture", local)
+    assert replica.Replica.load(cached).exhaustive
+
+
 def test_the_recheck_of_a_milvus_bank_is_exact_over_the_version_s_vectors(local: Config, tmp_path: Path):
     bank = Bank.open("texture", local.replace(search="milvus"))
     vectors = BankStore(local.uri).read_vectors(bank.version)
