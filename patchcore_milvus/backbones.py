@@ -45,6 +45,7 @@ class Backbone(nn.Module):
 
 
 def state_sha256(module: nn.Module) -> str:
+    """Checksum of a module's tensors, names and values, in state-dict order."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
@@ -128,14 +129,20 @@ def _efficientnet_lite0(weights: str | None, seed: int) -> Backbone:
     body_state = body.state_dict()
     body.load_state_dict({k: v for k, v in full.state_dict().items() if k in body_state})
     checksum = state_sha256(body)  # as banks have recorded it, before the cut below
-    # timm's feature model runs every block and keeps two outputs; the blocks after the coarser
-    # one (blocks.4, stride 16) change nothing but cost 10 % of the forward on one thread.
+    # timm's feature model runs every block and keeps two outputs: the blocks after the coarser
+    # one (blocks.4, stride 16) are cut, which spares `runtime: torch` their work (the ONNX export
+    # already left them out, as nothing reads their output).
     last = body.feature_info.module_name()[-1]  # "blocks.4"
     body.blocks = body.blocks[: int(last.split(".")[1]) + 1]
-    normalization = BACKBONE_NORMALIZATION["efficientnet_lite0"]
     # Banks record the stages as "blocks.2", "blocks.3" (timm's feature indices 2 and 3 are its
     # modules blocks.2 and blocks.4); kept, so that every bank's description still matches.
-    return Backbone(body, ("blocks.2", "blocks.3"), (40, 112), normalization, checksum)
+    return Backbone(
+        body,
+        layers=("blocks.2", "blocks.3"),
+        channels=(40, 112),
+        normalization=BACKBONE_NORMALIZATION["efficientnet_lite0"],
+        weights_sha256=checksum,
+    )
 
 
 class _ResNetStages(nn.Module):
