@@ -5,16 +5,16 @@ First, as a station runs it, each command in a fresh process: `ingest` bottle in
 file (and the server with `--server`), then a one-image `query` and a `query` of all 83 test
 images, on Milvus Lite, the server and `--search local`; the steady state per image is (wall of
 all - wall of one) / 82, as the speed issue measures it. Then, in this process, on that Lite bank
-(default configuration: EfficientNet-Lite0, 256 px, 10 % coreset, HNSW), searches the patches of
-bottle's test images (1,024 per image) in batches of `batch_size` images, one call per batch,
+(default configuration: EfficientNet-Lite0, 384 px, 1 % coreset, HNSW), searches the patches of
+bottle's test images (2,304 per image) in batches of `batch_size` images, one call per batch,
 with: Milvus Lite, a Milvus 2.3.5 server (`--server`; same vectors, same index parameters),
 faiss-cpu IndexHNSWFlat (Milvus' HNSW parameters) and exact search (faiss IndexFlatL2); the Milvus
 searches both as this project reads them (arrays, `columnar_search`) and through
 `MilvusClient.search` (one Python object per hit). Each prints the median ms per image and
 recall@1 against exact search (a hit at the exact distance counts, so ties do not). Then the
-images are scored end to end with `Bank.score_paths` (decoding and feature extraction of the next
-batch overlap the search of this one) and without the overlap, and the median time per image of
-each stage is printed.
+images are scored end to end with `Bank.score_paths` (the batch after next is decoded and the
+next one extracted while this one is searched) and without the overlap, and the median time per
+image of each stage is printed.
 
     python benchmarks/query.py --images 40
     unshare -n sh -c 'ip link set lo up && python benchmarks/query.py --images 40 --server'

@@ -1,8 +1,9 @@
 """How a station's two CPU stages share the cores: the extractor (ONNX Runtime) and the search
 (faiss' threads of the local replica, or Milvus Lite's engine in this process), each given all
 the cores or half of them (the default, config.stage_threads). Each run is a fresh process
-scoring bottle's test images with `Bank.score_paths` (the next batch is decoded and extracted
-while this one is searched); the steady state per image leaves the first batch out.
+scoring bottle's test images with `Bank.score_paths` (the batch after next is decoded and the
+next one extracted while this one is searched); the steady state per image leaves the first
+batch out.
 
     python benchmarks/threads.py --uri bottle.db   # after `patchcore-milvus ingest ... --uri bottle.db`
 """
