@@ -1,7 +1,7 @@
 """`patchcore-milvus serve`: one long-running station process over HTTP.
 
-The extractor and the banks stay warm in one process; every inspection goes through one worker
-thread, which takes whatever is queued when it is free (up to `batch_size` images) and scores
+The extractor and the banks stay warm in one process; every inspection goes through one queue,
+whose worker takes whatever is waiting when it is free (up to `batch_size` images) and scores
 each category's share in one search: concurrent requests are micro-batched. The queue is bounded:
 a request that finds it full is answered 503 at once, never left hanging. Each batch follows the
 category's alias (`Bank`), so a re-ingest or a rollback reaches this station by itself.
@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from patchcore_milvus.bank import Bank, Inspection
+from patchcore_milvus.bank import Bank, Decoded, Extracted, Inspection
 from patchcore_milvus.config import Config, shown_uri
 from patchcore_milvus.errors import (
     BankNotFoundError,
@@ -95,7 +95,9 @@ class Metrics:
 
 
 class Inspector:
-    """The worker: banks opened on first use (or at start), one search per category and batch."""
+    """Two worker threads, overlapping as `Bank.score_paths` does: one takes whatever is queued
+    (up to `batch_size` images) and extracts each category's share, the other searches and
+    scores the batch before it. Banks are opened on first use (or before the start)."""
 
     def __init__(self, config: Config, store: BankStore, queue_size: int = QUEUE_SIZE):
         self.config = config
@@ -103,20 +105,25 @@ class Inspector:
         self.jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self.metrics = Metrics(self.jobs.qsize)
         self._banks: dict[str, Bank] = {}
-        self._thread: threading.Thread | None = None
+        self._extracted: queue.Queue[tuple[Bank, list[_Job], Extracted] | None] = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="patchcore-inspector")
-        self._thread.start()
+        for target, name in ((self._extract, "patchcore-extract"), (self._search, "patchcore-search")):
+            thread = threading.Thread(target=target, daemon=True, name=name)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
-        if self._thread is not None:
+        """After what is queued is answered."""
+        if self._threads:
             self.jobs.put(None)
-            self._thread.join()
-            self._thread = None
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
 
     def open(self, category: str) -> Bank:
-        """The category's bank, opened once (before the worker starts, or in it)."""
+        """The category's bank, opened once (before the workers start, or by the extracting one)."""
         if category not in self._banks:
             self._banks[category] = Bank.open(category, self.config, store=self.store)
         return self._banks[category]
@@ -133,45 +140,59 @@ class Inspector:
             raise Busy from None
         return job.future
 
-    def _run(self) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.config.batch_size:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.jobs.put(None)  # stop after this batch
-                    break
-                batch.append(job)
+    def _take(self) -> list[_Job] | None:
+        """The next batch: the first job waited for, then whatever else is queued; None: stop."""
+        first = self.jobs.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.config.batch_size:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)  # stop after this batch
+                break
+            batch.append(job)
+        return batch
+
+    def _extract(self) -> None:
+        while (batch := self._take()) is not None:
             by_category: dict[str, list[_Job]] = {}
             for job in batch:
-                by_category.setdefault(job.category, []).append(job)
+                if job.future.set_running_or_notify_cancel():  # not given up on
+                    by_category.setdefault(job.category, []).append(job)
             for category, jobs in by_category.items():
-                self._score(category, jobs)
+                try:
+                    bank = self.open(category)
+                    decoded = Decoded([job.name for job in jobs], [job.image for job in jobs], [0.0] * len(jobs))
+                    self._extracted.put((bank, jobs, bank.extract(decoded)))
+                except Exception as exc:  # every request of the batch gets the error; the worker goes on
+                    _fail(jobs, exc)
+        self._extracted.put(None)
 
-    def _score(self, category: str, jobs: list[_Job]) -> None:
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # not given up on
-        if not jobs:
-            return
-        try:
-            bank = self.open(category)
-            results = bank.score_images([job.image for job in jobs], [job.name for job in jobs])
-        except Exception as exc:  # every waiting request gets the error, and the worker goes on
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
-        self.metrics.batch.observe(len(jobs))
-        for job, result in zip(jobs, results):
-            result.timings_ms.pop("load")  # decoded by the request, which reports it as "decode"
-            result.timings_ms["queue"] = (time.perf_counter() - job.queued_at) * 1000 - sum(result.timings_ms.values())
-            self.metrics.latency.observe(time.perf_counter() - job.queued_at)
-            self.metrics.inspections.labels(category, result.verdict or "none").inc()
-            job.future.set_result(result)
+    def _search(self) -> None:
+        while (item := self._extracted.get()) is not None:
+            bank, jobs, extracted = item
+            try:
+                results = bank.score_extracted(extracted)
+            except Exception as exc:
+                _fail(jobs, exc)
+                continue
+            self.metrics.batch.observe(len(jobs))
+            for job, result in zip(jobs, results):
+                result.timings_ms.pop("load")  # decoded by the request, which reports it as "decode"
+                elapsed = time.perf_counter() - job.queued_at
+                result.timings_ms["queue"] = elapsed * 1000 - sum(result.timings_ms.values())
+                self.metrics.latency.observe(elapsed)
+                self.metrics.inspections.labels(job.category, result.verdict or "none").inc()
+                job.future.set_result(result)
+
+
+def _fail(jobs: list[_Job], exc: Exception) -> None:
+    for job in jobs:
+        job.future.set_exception(exc)
 
 
 class Recent:
