@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from patchcore_milvus.errors import ImageError
 
@@ -98,6 +98,9 @@ def _read_rgb(source: Path | io.BytesIO, path: str) -> Image.Image:
         raise
     except PermissionError as exc:
         raise ImageError(f"{path}: this user may not read it ({exc.strerror}); check its permissions") from exc
+    except UnidentifiedImageError as exc:
+        known = ", ".join(IMAGE_SUFFIXES)
+        raise ImageError(f"{path}: not a readable image (no image format PIL knows; these are read: {known})") from exc
     except Exception as exc:  # PIL's plugins raise anything on a damaged file: TypeError, KeyError, ...
         raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     return _to_rgb(image, path)
