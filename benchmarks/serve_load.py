@@ -2,11 +2,13 @@
 
 Bottle is ingested (default configuration) in a child process, then `serve` runs in another, and
 `--clients` threads post every test image once each (raw PNG bytes; each client starts at another
-image), after one client alone did the same. Per row: requests, failed ones, images per second,
-p50 / p95 latency (request sent to answer read), and the mean micro-batch (from `/metrics`).
+image), after one client alone did the same. Per row: requests, failed ones, images answered per
+second, p50 / p95 latency of the answered ones (request sent to answer read), and the mean
+micro-batch of that row (from `/metrics`). It exits non-zero if any request failed.
 With `--server`, the same against a Milvus 2.3.5 server, and a third row whose load runs while a
-re-ingest publishes a new version and a rollback points the alias back: the versions that
-answered are printed, and every request must still succeed.
+re-ingest publishes a new version and a rollback points the alias back (each client posts the
+images three times, to span both): the versions that answered are printed, and every request
+must still succeed.
 
     python benchmarks/serve_load.py
     unshare -n sh -c 'ip link set lo up && python benchmarks/serve_load.py --server'
@@ -66,11 +68,12 @@ class Station:
         self.process.terminate()
         self.process.wait(timeout=60)
 
-    def batch_mean(self) -> float:
+    def batches(self) -> tuple[float, float]:
+        """Images searched so far and the searches they took (from /metrics)."""
         text = httpx.get(f"{self.url}/metrics").text
         total = float(re.search(r"^patchcore_batch_images_sum (\S+)$", text, re.M).group(1))
         count = float(re.search(r"^patchcore_batch_images_count (\S+)$", text, re.M).group(1))
-        return total / max(count, 1.0)
+        return total, count
 
 
 def load(station: Station, images: list[bytes], clients: int) -> dict[str, object]:
@@ -92,24 +95,26 @@ def load(station: Station, images: list[bytes], clients: int) -> dict[str, objec
                         failures.append(f"{type(exc).__name__}: {exc}")
                     continue
                 with lock:
-                    latencies.append(time.perf_counter() - sent)
                     if answer.status_code == 200:
+                        latencies.append(time.perf_counter() - sent)
                         versions.add(answer.json()["bank_version"])
                     else:
                         failures.append(f"{answer.status_code}: {answer.text[:200]}")
 
+    images_before, searches_before = station.batches()
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, [i * len(images) // clients for i in range(clients)]))
     wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
+    images_after, searches_after = station.batches()
+    ms = np.array(latencies or [np.nan]) * 1000
     return {
         "requests": clients * len(images),
         "failed": len(failures),
-        "per_s": (clients * len(images) - len(failures)) / wall,
+        "per_s": len(latencies) / wall,
         "p50": float(np.percentile(ms, 50)),
         "p95": float(np.percentile(ms, 95)),
-        "batch": station.batch_mean(),
+        "batch": (images_after - images_before) / max(searches_after - searches_before, 1.0),
         "versions": versions,
         "first_failures": failures[:3],
     }
@@ -173,6 +178,8 @@ def main() -> None:
         )
         for failure in row["first_failures"]:
             print(f"  failed: {failure}")
+    if any(row["failed"] for _, row in rows):
+        raise SystemExit("some requests failed (above)")
 
 
 def swap(station: Station, images: list[bytes], args: argparse.Namespace, uri: str, env: dict[str, str]) -> dict:

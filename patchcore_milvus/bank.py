@@ -189,9 +189,11 @@ class Bank:
         version = self.store.follow_alias(self.category)
         if version != self.version:
             description = self.store.read_description(version)
-            if description.extractor != self.features.description:  # re-ingested with another extractor
-                self.features = bank_extractor(self.store, version, description, self.config)
-            check_extractor(self.category, description, self.features)
+            features = self.features
+            if description.extractor != features.description:  # re-ingested with another extractor
+                features = bank_extractor(self.store, version, description, self.config)
+            check_extractor(self.category, description, features)  # refused: this version stays
+            self.features = features
             self._use(version, description)
 
     def _use(self, version: str, description: BankDescription) -> None:

@@ -446,9 +446,10 @@ def serve(
     """Answer inspections over HTTP: POST /v1/inspect?category=C with an image (see README)."""
     from patchcore_milvus import service
 
-    service.check_token_rule(host, token)
-    click.echo(f"serving {shown_uri(config.uri)} on http://{host}:{port} (Ctrl-C stops)")
-    service.serve(config, host, port, token, categories, queue_size)
+    try:
+        service.serve(config, host, port, token, categories, queue_size, announce=click.echo)
+    except KeyboardInterrupt:  # uvicorn has answered the requests in flight and stopped
+        click.echo("stopped")
 
 
 @main.command()

@@ -70,18 +70,21 @@ def load_rgb(path: Path) -> Image.Image:
     return _read_rgb(path, str(path))
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image:
-    """`load_rgb` for an image's bytes (an upload), `name` in the messages."""
-    return _read_rgb(io.BytesIO(data), name)
+def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """`load_rgb` for an image's bytes (an upload), `name` in the messages; more than
+    `max_pixels` is refused before any pixel is decoded."""
+    return _read_rgb(io.BytesIO(data), name, max_pixels)
 
 
-def _read_rgb(source: Path | io.BytesIO, path: str) -> Image.Image:
+def _read_rgb(source: Path | io.BytesIO, path: str, max_pixels: int | None = None) -> Image.Image:
     """`path`: what messages call the image."""
     try:
         with Image.open(source) as opened:
             width, height = opened.size
             if min(width, height) < MIN_SIDE:
                 raise ImageError(f"{path}: {width}x{height} pixels is too small (at least {MIN_SIDE} on each side)")
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(f"{path}: {width}x{height} pixels is more than this service takes ({max_pixels:,})")
             frames = getattr(opened, "n_frames", 1)
             if frames > 1:
                 raise ImageError(

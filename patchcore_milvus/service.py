@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import logging
 import queue
 import secrets
 import threading
@@ -24,9 +25,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile  # what the form parser makes (FastAPI's is a subclass)
 
 from patchcore_milvus.bank import Bank, Decoded, Extracted, Inspection
 from patchcore_milvus.config import Config, shown_uri
@@ -34,7 +36,6 @@ from patchcore_milvus.errors import (
     BankNotFoundError,
     ConfigError,
     ImageError,
-    PatchcoreMilvusError,
     StoreError,
     StoreUnavailableError,
 )
@@ -44,9 +45,13 @@ from patchcore_milvus.milvus.versions import validate_category
 from patchcore_milvus.regions import defect_regions
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # an upload larger than this (e.g. 8000 x 5000) is refused before decoding
 QUEUE_SIZE = 64  # images waiting for the worker; one more is answered 503
 KEEP_INSPECTIONS = 32  # recent inspections whose map, overlay and mask can be fetched
+KEEP_BYTES = 1 << 30  # and at most this much of their images and maps
+UPLOADS_AT_ONCE = 4  # uploads read and decoded at the same time
 REQUEST_TIMEOUT_S = 120.0
+logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -97,7 +102,9 @@ class Metrics:
 class Inspector:
     """Two worker threads, overlapping as `Bank.score_paths` does: one takes whatever is queued
     (up to `batch_size` images) and extracts each category's share, the other searches and
-    scores the batch before it. Banks are opened on first use (or before the start)."""
+    scores it. The first takes its next batch only once the second has picked up the last, so
+    that requests arriving meanwhile wait together and share a search. Banks are opened on first
+    use (or before the start)."""
 
     def __init__(self, config: Config, store: BankStore, queue_size: int = QUEUE_SIZE):
         self.config = config
@@ -106,21 +113,35 @@ class Inspector:
         self.metrics = Metrics(self.jobs.qsize)
         self._banks: dict[str, Bank] = {}
         self._extracted: queue.Queue[tuple[Bank, list[_Job], Extracted] | None] = queue.Queue(maxsize=1)
+        self._picked_up = threading.Semaphore(1)  # the search took the last extracted batch
+        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # For /healthz: one call without retries, so that a probe hears at once that Milvus is gone.
+        self._probe = BankStore.from_config(config.replace(retry_seconds=0.0, milvus_timeout=5.0), existing=True)
 
     def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("the inspector is running already")
         for target, name in ((self._extract, "patchcore-extract"), (self._search, "patchcore-search")):
             thread = threading.Thread(target=target, daemon=True, name=name)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """After what is queued is answered."""
+        """After what is queued is answered; nothing is taken meanwhile."""
+        self._stopping.set()
         if self._threads:
             self.jobs.put(None)
             for thread in self._threads:
                 thread.join()
             self._threads = []
+
+    def probe(self) -> None:
+        self._probe.ping()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def open(self, category: str) -> Bank:
         """The category's bank, opened once (before the workers start, or by the extracting one)."""
@@ -132,7 +153,13 @@ class Inspector:
         """Category -> the version its bank scored last."""
         return {category: bank.version for category, bank in list(self._banks.items())}
 
+    def knows(self, category: str) -> bool:
+        """Whether the category has a bank (open here, or an alias in Milvus)."""
+        return category in self._banks or self.store.current_version(category) is not None
+
     def submit(self, category: str, image: Image.Image, name: str) -> Future[Inspection]:
+        if self._stopping.is_set():
+            raise Busy
         job = _Job(category, image, name)
         try:
             self.jobs.put_nowait(job)
@@ -140,54 +167,61 @@ class Inspector:
             raise Busy from None
         return job.future
 
-    def _take(self) -> list[_Job] | None:
-        """The next batch: the first job waited for, then whatever else is queued; None: stop."""
-        first = self.jobs.get()
-        if first is None:
-            return None
-        batch = [first]
+    def _take(self) -> tuple[list[_Job], bool]:
+        """The next batch (the first job waited for, then whatever else is queued) and whether it is the last."""
+        batch: list[_Job] = []
         while len(batch) < self.config.batch_size:
             try:
-                job = self.jobs.get_nowait()
+                job = self.jobs.get() if not batch else self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                self.jobs.put(None)  # stop after this batch
-                break
+                return batch, True
             batch.append(job)
-        return batch
+        return batch, False
 
     def _extract(self) -> None:
-        while (batch := self._take()) is not None:
+        last = False
+        while not last:
+            self._picked_up.acquire()
+            batch, last = self._take()
             by_category: dict[str, list[_Job]] = {}
             for job in batch:
                 if job.future.set_running_or_notify_cancel():  # not given up on
                     by_category.setdefault(job.category, []).append(job)
+            handed = 0
             for category, jobs in by_category.items():
                 try:
                     bank = self.open(category)
                     decoded = Decoded([job.name for job in jobs], [job.image for job in jobs], [0.0] * len(jobs))
-                    self._extracted.put((bank, jobs, bank.extract(decoded)))
+                    extracted = bank.extract(decoded)
                 except Exception as exc:  # every request of the batch gets the error; the worker goes on
                     _fail(jobs, exc)
+                    continue
+                if handed:  # one hand-off at a time: wait for the search to take the one before
+                    self._picked_up.acquire()
+                self._extracted.put((bank, jobs, extracted))
+                handed += 1
+            if not handed:
+                self._picked_up.release()
         self._extracted.put(None)
 
     def _search(self) -> None:
         while (item := self._extracted.get()) is not None:
+            self._picked_up.release()
             bank, jobs, extracted = item
             try:
                 results = bank.score_extracted(extracted)
+                self.metrics.batch.observe(len(jobs))
+                for job, result in zip(jobs, results):
+                    result.timings_ms.pop("load")  # decoded by the request, which reports it as "decode"
+                    elapsed = time.perf_counter() - job.queued_at
+                    result.timings_ms["total"] = elapsed * 1000  # queued to scored
+                    self.metrics.latency.observe(elapsed)
+                    self.metrics.inspections.labels(job.category, result.verdict or "none").inc()
+                    job.future.set_result(result)
             except Exception as exc:
-                _fail(jobs, exc)
-                continue
-            self.metrics.batch.observe(len(jobs))
-            for job, result in zip(jobs, results):
-                result.timings_ms.pop("load")  # decoded by the request, which reports it as "decode"
-                elapsed = time.perf_counter() - job.queued_at
-                result.timings_ms["queue"] = elapsed * 1000 - sum(result.timings_ms.values())
-                self.metrics.latency.observe(elapsed)
-                self.metrics.inspections.labels(job.category, result.verdict or "none").inc()
-                job.future.set_result(result)
+                _fail([job for job in jobs if not job.future.done()], exc)
 
 
 def _fail(jobs: list[_Job], exc: Exception) -> None:
@@ -198,22 +232,26 @@ def _fail(jobs: list[_Job], exc: Exception) -> None:
 class Recent:
     """The last inspections, by id, for their map, overlay and mask."""
 
-    def __init__(self, keep: int = KEEP_INSPECTIONS):
-        self.keep = keep
-        self._items: OrderedDict[str, Inspection] = OrderedDict()
+    def __init__(self, keep: int = KEEP_INSPECTIONS, keep_bytes: int = KEEP_BYTES):
+        self.keep, self.keep_bytes = keep, keep_bytes
+        self._items: OrderedDict[str, tuple[Inspection, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def add(self, inspection: Inspection) -> str:
         key = secrets.token_hex(8)
+        size = inspection.anomaly_map.nbytes + inspection.image.width * inspection.image.height * 3
         with self._lock:
-            self._items[key] = inspection
-            while len(self._items) > self.keep:
-                self._items.popitem(last=False)
+            self._items[key] = (inspection, size)
+            self._bytes += size
+            while len(self._items) > 1 and (len(self._items) > self.keep or self._bytes > self.keep_bytes):
+                self._bytes -= self._items.popitem(last=False)[1][1]
         return key
 
     def get(self, key: str) -> Inspection | None:
         with self._lock:
-            return self._items.get(key)
+            found = self._items.get(key)
+        return None if found is None else found[0]
 
 
 def is_loopback(host: str) -> bool:
@@ -239,45 +277,76 @@ def create_app(
     inspector: Inspector,
     token: str | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
     keep: int = KEEP_INSPECTIONS,
     timeout_s: float = REQUEST_TIMEOUT_S,
 ) -> FastAPI:
-    """The FastAPI application over `inspector` (started and stopped by the caller)."""
+    """The FastAPI application over `inspector` (started and stopped by the caller). With a
+    token, every endpoint but /healthz's status needs it, the API description included."""
+    token = token or None
     recent = Recent(keep)
     metrics = inspector.metrics
-    app = FastAPI(title="patchcore-milvus", version="1", docs_url="/docs", redoc_url=None)
+    uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
+    described = token is None  # the OpenAPI page and /docs only where no token guards the API
+    app = FastAPI(
+        title="patchcore-milvus",
+        version="1",
+        docs_url="/docs" if described else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if described else None,
+    )
 
-    def authorized(request: Request) -> None:
+    def allowed(request: Request) -> bool:
         if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), token.encode())
+
+    async def authorized(request: Request) -> None:
+        if not allowed(request):
             metrics.refused.labels("unauthorized").inc()
-            raise HTTPException(401, "missing or wrong API token: send 'Authorization: Bearer <token>'")
+            raise HTTPException(
+                401,
+                "missing or wrong API token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def refuse(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
         metrics.refused.labels(reason).inc()
         return HTTPException(status, message, headers=headers)
 
-    async def upload(request: Request) -> tuple[bytes, str]:
-        """The image's bytes (the raw body, or the first file of a multipart form) and its name."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
+    async def body(request: Request) -> bytes:
+        """The whole request body, refused (413) past `max_upload_bytes` however it is sent."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_upload_bytes:
             raise refuse(413, "too_large", f"the upload is {int(declared)} bytes; at most {max_upload_bytes}")
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=8, max_part_size=max_upload_bytes)
-            files = [value for value in form.values() if hasattr(value, "read")]
-            if not files:
-                raise refuse(400, "bad_input", "the multipart form holds no file: send the image as a file field")
-            data = await files[0].read()
-            return data, files[0].filename or "upload"
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_upload_bytes:
                 raise refuse(413, "too_large", f"the upload is over {max_upload_bytes} bytes")
             chunks.append(chunk)
-        return b"".join(chunks), request.query_params.get("name", "upload")
+        return b"".join(chunks)
+
+    async def upload(request: Request) -> tuple[bytes, str]:
+        """The image's bytes (the raw body, or the first file of a multipart form) and its name."""
+        data = await body(request)
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return data, request.query_params.get("name", "upload")
+
+        async def replay() -> dict[str, Any]:  # the body read above, for the form parser
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        try:
+            async with Request(request.scope, replay).form(max_files=1, max_fields=8) as form:
+                files = [value for value in form.values() if isinstance(value, UploadFile)]
+                if not files:
+                    raise refuse(400, "bad_input", "the multipart form holds no file: send the image as a file field")
+                return await files[0].read(), files[0].filename or "upload"
+        except HTTPException as exc:
+            if exc.status_code == 400 and "multipart form holds no file" not in str(exc.detail):
+                metrics.refused.labels("bad_input").inc()  # Starlette's own: a malformed form
+            raise
 
     @app.post("/v1/inspect", dependencies=[Depends(authorized)])
     async def inspect(request: Request, category: str) -> JSONResponse:
@@ -285,32 +354,46 @@ def create_app(
             validate_category(category)
         except StoreError as exc:
             raise refuse(400, "bad_input", str(exc)) from None
-        data, name = await upload(request)
-        if not data:
-            raise refuse(400, "bad_input", "no image in the request: send its bytes as the body, or a multipart file")
-        start = time.perf_counter()
+        if inspector.jobs.full():
+            raise refuse(503, "busy", "the inspection queue is full; retry shortly", {"Retry-After": "1"})
         try:
-            image = await run_in_threadpool(decode_rgb, data, name)
-        except ImageError as exc:
-            raise refuse(400, "bad_input", str(exc)) from None
-        decode_ms = (time.perf_counter() - start) * 1000
+            known = await run_in_threadpool(inspector.knows, category)
+        except StoreError as exc:
+            raise refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"}) from None
+        if not known:
+            raise refuse(404, "unknown_category", f"no bank for category {category!r}: GET /v1/categories lists them")
+        async with uploads:  # bounded: each upload and its decoded image are held in memory
+            data, name = await upload(request)
+            if not data:
+                message = "no image in the request: send its bytes as the body, or a multipart file"
+                raise refuse(400, "bad_input", message)
+            start = time.perf_counter()
+            try:
+                image = await run_in_threadpool(decode_rgb, data, name, max_pixels)
+            except ImageError as exc:
+                raise refuse(400, "bad_input", str(exc)) from None
+            decode_ms = (time.perf_counter() - start) * 1000
+            try:
+                future = inspector.submit(category, image, name)
+            except Busy:
+                raise refuse(503, "busy", "the inspection queue is full; retry shortly", {"Retry-After": "1"}) from None
+        waited = asyncio.wrap_future(future)
+        done, _ = await asyncio.wait({waited}, timeout=timeout_s)
+        if not done:
+            waited.cancel()  # a job still queued is dropped; one being scored finishes unread
+            raise refuse(504, "timeout", f"no result within {timeout_s:.0f} s")
         try:
-            future = inspector.submit(category, image, name)
-        except Busy:
-            raise refuse(503, "busy", "the inspection queue is full; retry shortly", {"Retry-After": "1"}) from None
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except asyncio.TimeoutError:
-            raise refuse(504, "timeout", f"no result within {timeout_s:.0f} s") from None
+            result = waited.result()
         except BankNotFoundError as exc:
             raise refuse(404, "unknown_category", str(exc)) from None
         except StoreUnavailableError as exc:
             raise refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"}) from None
-        except PatchcoreMilvusError as exc:
-            raise refuse(500, "failed", str(exc)) from None
+        except Exception as exc:  # ours or not: the reason, as JSON, counted
+            logger.exception("inspection failed")
+            raise refuse(500, "failed", f"{type(exc).__name__}: {exc}") from None
         result.timings_ms["decode"] = decode_ms
         key = recent.add(result)
-        return JSONResponse(_inspection_json(key, category, result))
+        return JSONResponse(await run_in_threadpool(_inspection_json, key, category, result))
 
     def _recent(key: str) -> Inspection:
         found = recent.get(key)
@@ -342,7 +425,7 @@ def create_app(
         try:
             banks = inspector.store.list_banks()
         except StoreError as exc:
-            raise HTTPException(503, str(exc)) from None
+            raise refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"}) from None
         return JSONResponse(
             {
                 "uri": shown_uri(inspector.config.uri),
@@ -362,14 +445,17 @@ def create_app(
         )
 
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
-        versions: dict[str, str | None] = {}
+    def healthz(request: Request) -> JSONResponse:
+        """Workers alive and Milvus answering (one call, no retries); the details with the token."""
+        if not inspector.alive:
+            return JSONResponse({"status": "workers stopped"}, status_code=503)
         try:
-            for category in inspector.loaded():
-                versions[category] = inspector.store.current_version(category)
+            inspector.probe()
         except StoreError as exc:
-            return JSONResponse({"status": "milvus unreachable", "reason": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "banks": versions, "queued": inspector.jobs.qsize()})
+            detail = {"reason": str(exc)} if allowed(request) else {}
+            return JSONResponse({"status": "milvus unreachable", **detail}, status_code=503)
+        detail = {"banks": inspector.loaded(), "queued": inspector.jobs.qsize()} if allowed(request) else {}
+        return JSONResponse({"status": "ok", **detail})
 
     @app.get("/metrics", dependencies=[Depends(authorized)])
     def prometheus() -> Response:
@@ -387,10 +473,11 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _inspection_json(key: str, category: str, result: Inspection) -> dict[str, Any]:
-    summary = result.summary()
+    """The answer to an inspection (its mask and regions computed here, off the event loop)."""
+    summary, mask = result.summary(), result.mask
     base = f"/v1/inspections/{key}"
     links = {"map": f"{base}/map.npy", "overlay": f"{base}/overlay.png"}
-    if result.mask is not None:
+    if mask is not None:
         links["mask"] = f"{base}/mask.png"
     return {
         "id": key,
@@ -401,7 +488,7 @@ def _inspection_json(key: str, category: str, result: Inspection) -> dict[str, A
         "verdict": summary["verdict"],
         "pixel_threshold": summary["pixel_threshold"],
         "bank_version": result.bank_version,
-        "regions": [region.to_dict() for region in defect_regions(result.mask, result.anomaly_map)],
+        "regions": [region.to_dict() for region in defect_regions(mask, result.anomaly_map)],
         "defect_pixels": summary["defect_pixels"],
         "ms": summary["ms"],
         "links": links,
@@ -415,8 +502,10 @@ def serve(
     token: str | None,
     categories: tuple[str, ...] = (),
     queue_size: int = QUEUE_SIZE,
+    announce: Callable[[str], None] = print,
 ) -> None:
-    """Open the banks named (others on first use), then answer until interrupted."""
+    """Open the banks named (others on first use), then answer until interrupted (Ctrl-C or
+    SIGTERM: the requests in flight are answered first)."""
     import uvicorn
 
     check_token_rule(host, token)
@@ -424,6 +513,8 @@ def serve(
     for category in categories:
         inspector.open(category)
     inspector.start()
+    shown = f"[{host}]" if ":" in host else host
+    announce(f"serving {shown_uri(config.uri)} on http://{shown}:{port} (Ctrl-C stops)")
     try:
         uvicorn.run(create_app(inspector, token), host=host, port=port, log_level="warning")
     finally:

@@ -2,6 +2,7 @@
 FastAPI's test client, and once as the real command on a loopback socket)."""
 
 import io
+import signal
 import socket
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_an_inspection_over_http_is_the_bank_s_own_with_its_regions_and_pictures
     assert left <= 57 < right and top <= 41 < bottom
     assert region["peak"] > bad["pixel_threshold"]
     assert sum(r["area"] for r in bad["regions"]) == bad["defect_pixels"]
-    assert {"decode", "queue", "extract", "search", "post"} <= set(bad["ms"])
+    assert set(bad["ms"]) == {"decode", "extract", "search", "post", "total"}
     amap = np.load(io.BytesIO(client.get(bad["links"]["map"]).content))
     np.testing.assert_allclose(amap, want_bad.anomaly_map, rtol=1e-4, atol=1e-4)
     mask = np.asarray(Image.open(io.BytesIO(client.get(bad["links"]["mask"]).content))) > 0
@@ -88,10 +89,39 @@ def test_a_multipart_upload_and_bad_requests_get_the_reason(client: TestClient, 
         answer = client.post(url, content=body)
         assert answer.status_code == status and reason in answer.json()["detail"], (url, answer.text)
     assert client.post("/v1/inspect", content=GOOD).status_code == 422  # no category at all
+    fields = b'--b0\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file\r\n--b0--\r\n'
+    headers = {"Content-Type": "multipart/form-data; boundary=b0"}
+    form = client.post("/v1/inspect?category=texture", content=fields, headers=headers)
+    assert form.status_code == 400 and "holds no file" in form.json()["detail"]
+    assert client.post("/v1/inspect?category=texture", content=GOOD).json()["verdict"] == "OK"  # after the errors
     small = inspector_of(banked)
     with TestClient(create_app(small, max_upload_bytes=1000)) as limited:
         answer = limited.post("/v1/inspect?category=texture", content=GOOD)
         assert answer.status_code == 413 and "at most 1000" in answer.json()["detail"]
+
+        def chunked(parts: list[bytes]):
+            yield from parts  # no Content-Length: counted as it arrives
+
+        raw = limited.post("/v1/inspect?category=texture", content=chunked([GOOD[:900], GOOD[900:]]))
+        assert raw.status_code == 413
+        boundary = "b0undary"
+        multipart = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + GOOD
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        sent = limited.post(
+            "/v1/inspect?category=texture",
+            content=chunked([multipart[:500], multipart[500:]]),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert sent.status_code == 413
+    with TestClient(create_app(small, max_pixels=96 * 95)) as limited:
+        answer = limited.post("/v1/inspect?category=texture", content=GOOD)
+        assert answer.status_code == 400 and "more than this service takes" in answer.json()["detail"]
 
 
 def test_a_full_queue_is_answered_503_at_once(banked: Config):
@@ -105,7 +135,9 @@ def test_a_full_queue_is_answered_503_at_once(banked: Config):
         assert 'patchcore_refused_requests_total{reason="busy"} 1.0' in client.get("/metrics").text
     inspector.start()
     assert waiting.result(timeout=120).verdict == "OK"
-    inspector.stop()
+    queued = [inspector.submit("texture", textured_image(100 + i), f"{i}") for i in range(1)]
+    inspector.stop()  # answers what is queued first
+    assert all(future.done() and future.result().verdict == "OK" for future in queued)
 
 
 def test_requests_waiting_together_are_scored_in_one_search(banked: Config):
@@ -153,9 +185,14 @@ def test_a_token_is_required_beyond_loopback_and_checked(banked: Config):
         wrong = {"Authorization": "Bearer nope"}
         assert client.post("/v1/inspect?category=texture", content=GOOD, headers=wrong).status_code == 401
         assert client.get("/metrics").status_code == 401
-        right = {"Authorization": "Bearer s3cret"}
-        assert client.post("/v1/inspect?category=texture", content=GOOD, headers=right).status_code == 200
-        assert client.get("/healthz").status_code == 200  # for probes, without the token
+        right = {"Authorization": "bearer s3cret"}  # the scheme's case does not matter
+        inspected = client.post("/v1/inspect?category=texture", content=GOOD, headers=right)
+        assert inspected.status_code == 200
+        for guarded in ("/v1/categories", inspected.json()["links"]["map"], "/openapi.json", "/docs"):
+            assert client.get(guarded).status_code in (401, 404), guarded  # 404: not published at all
+        assert client.get("/v1/categories", headers=right).status_code == 200
+        assert client.get("/healthz").json() == {"status": "ok"}  # for probes, no details without the token
+        assert client.get("/healthz", headers=right).json()["banks"] == {"texture": inspected.json()["bank_version"]}
     inspector.stop()
 
 
@@ -174,11 +211,13 @@ def test_the_serve_command_answers_on_a_loopback_socket(good_folder: Path, tmp_p
     serve = [*cli, "serve", "--uri", uri]
     refused = subprocess.run([*serve, "--host", "0.0.0.0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "give an API token" in refused.stderr and "Traceback" not in refused.stderr
-    server = subprocess.Popen([*serve, "--port", str(port), "--category", "texture"], stderr=subprocess.PIPE)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as written:
+        server = subprocess.Popen([*serve, "--port", str(port), "--category", "texture"], stderr=written)
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, server.stderr.read().decode()
+            assert server.poll() is None, log.read_text()
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
                     break
@@ -188,6 +227,8 @@ def test_the_serve_command_answers_on_a_loopback_socket(good_folder: Path, tmp_p
             time.sleep(0.3)
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/inspect?category=texture", content=BAD, timeout=60)
         assert answer.status_code == 200 and answer.json()["verdict"] == "DEFECT"
+        server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, no traceback
+        assert server.wait(timeout=60) == 0 and "Traceback" not in log.read_text()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server.poll() is None:
+            server.kill()

@@ -107,6 +107,10 @@ class BankStore:
     def close(self) -> None:
         self.connection.close()
 
+    def ping(self) -> None:
+        """One cheap call (the aliases): raises StoreError if Milvus does not answer."""
+        self.connection.call("list_aliases", lambda c, t: c.list_aliases(timeout=t))
+
     # Rows of one version (see rows.py) ------------------------------------------------------
 
     def insert(self, collection: str, rows: BankRows) -> None:
