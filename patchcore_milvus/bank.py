@@ -69,13 +69,14 @@ class Inspection:
 
     def summary(self) -> dict[str, Any]:
         """Everything but the map, ready for JSON."""
+        mask = self.mask  # a full-size comparison: once
         return {
             "path": self.path,
             "score": round(self.image_score, 6),
             "threshold": self.image_threshold,
             "verdict": self.verdict,
             "pixel_threshold": self.pixel_threshold,
-            "defect_pixels": int(self.mask.sum()) if self.mask is not None else None,
+            "defect_pixels": int(mask.sum()) if mask is not None else None,
             "nearest_patch": self.nearest_patch,
             "bank_version": self.bank_version,
             "rechecked_patches": self.rechecked_patches,

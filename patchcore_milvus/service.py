@@ -302,18 +302,20 @@ def create_app(
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), token.encode())
 
-    async def authorized(request: Request) -> None:
-        if not allowed(request):
-            metrics.refused.labels("unauthorized").inc()
-            raise HTTPException(
-                401,
-                "missing or wrong API token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
     def refuse(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
         metrics.refused.labels(reason).inc()
         return HTTPException(status, message, headers=headers)
+
+    def busy() -> HTTPException:
+        return refuse(503, "busy", "the inspection queue is full; retry shortly", {"Retry-After": "1"})
+
+    def unavailable(exc: StoreError) -> HTTPException:
+        return refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"})
+
+    async def authorized(request: Request) -> None:
+        if not allowed(request):
+            message = "missing or wrong API token: send 'Authorization: Bearer <token>'"
+            raise refuse(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
     async def body(request: Request) -> bytes:
         """The whole request body, refused (413) past `max_upload_bytes` however it is sent."""
@@ -340,13 +342,12 @@ def create_app(
         try:
             async with Request(request.scope, replay).form(max_files=1, max_fields=8) as form:
                 files = [value for value in form.values() if isinstance(value, UploadFile)]
-                if not files:
-                    raise refuse(400, "bad_input", "the multipart form holds no file: send the image as a file field")
-                return await files[0].read(), files[0].filename or "upload"
-        except HTTPException as exc:
-            if exc.status_code == 400 and "multipart form holds no file" not in str(exc.detail):
-                metrics.refused.labels("bad_input").inc()  # Starlette's own: a malformed form
+                if files:
+                    return await files[0].read(), files[0].filename or "upload"
+        except HTTPException:  # Starlette's own 400: a malformed form
+            metrics.refused.labels("bad_input").inc()
             raise
+        raise refuse(400, "bad_input", "the multipart form holds no file: send the image as a file field")
 
     @app.post("/v1/inspect", dependencies=[Depends(authorized)])
     async def inspect(request: Request, category: str) -> JSONResponse:
@@ -355,11 +356,11 @@ def create_app(
         except StoreError as exc:
             raise refuse(400, "bad_input", str(exc)) from None
         if inspector.jobs.full():
-            raise refuse(503, "busy", "the inspection queue is full; retry shortly", {"Retry-After": "1"})
+            raise busy()
         try:
             known = await run_in_threadpool(inspector.knows, category)
         except StoreError as exc:
-            raise refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"}) from None
+            raise unavailable(exc) from None
         if not known:
             raise refuse(404, "unknown_category", f"no bank for category {category!r}: GET /v1/categories lists them")
         async with uploads:  # bounded: each upload and its decoded image are held in memory
@@ -376,7 +377,7 @@ def create_app(
             try:
                 future = inspector.submit(category, image, name)
             except Busy:
-                raise refuse(503, "busy", "the inspection queue is full; retry shortly", {"Retry-After": "1"}) from None
+                raise busy() from None
         waited = asyncio.wrap_future(future)
         done, _ = await asyncio.wait({waited}, timeout=timeout_s)
         if not done:
@@ -387,7 +388,7 @@ def create_app(
         except BankNotFoundError as exc:
             raise refuse(404, "unknown_category", str(exc)) from None
         except StoreUnavailableError as exc:
-            raise refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"}) from None
+            raise unavailable(exc) from None
         except Exception as exc:  # ours or not: the reason, as JSON, counted
             logger.exception("inspection failed")
             raise refuse(500, "failed", f"{type(exc).__name__}: {exc}") from None
@@ -425,7 +426,7 @@ def create_app(
         try:
             banks = inspector.store.list_banks()
         except StoreError as exc:
-            raise refuse(503, "milvus_unavailable", str(exc), {"Retry-After": "5"}) from None
+            raise unavailable(exc) from None
         return JSONResponse(
             {
                 "uri": shown_uri(inspector.config.uri),
