@@ -7,6 +7,7 @@ so must the image scores (each image's worst patches are rechecked exactly), to 
 
     unshare -n sh -c 'ip link set lo up && python benchmarks/verdicts.py'
     python benchmarks/verdicts.py --lite-only    # where no network namespace can be made
+    python benchmarks/verdicts.py --index-type IVF_SQ8    # another index type than the default
 """
 
 from __future__ import annotations
@@ -19,18 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from patchcore_milvus.bank import Bank
-from patchcore_milvus.config import Config
+from patchcore_milvus.config import Config, load_config
 from patchcore_milvus.evaluate import VERSUS_EXACT, evaluate_category
 from patchcore_milvus.testing.milvus_server import MilvusTestServer, network_isolation_problem
 
 
-def check(data: Path, uri: str, label: str) -> list[str]:
-    """Ingest (the CLI, as a user would) and evaluate (in this process, for each image's score) on
-    `uri`; the table's lines for bottle."""
-    subprocess.run(
-        ["patchcore-milvus", "ingest", str(data), "--category", "bottle", "--uri", uri, "--no-progress"], check=True
-    )
-    bank = Bank.open("bottle", Config(uri=uri, progress=False))
+def check(data: Path, uri: str, label: str, config_file: Path) -> list[str]:
+    """Ingest (the CLI, as a user would, with `config_file`) and evaluate (in this process, for each
+    image's score) on `uri`; the table's lines for bottle."""
+    ingest = ["patchcore-milvus", "ingest", str(data), "--category", "bottle", "--uri", uri, "--no-progress"]
+    subprocess.run([*ingest, "--config", str(config_file)], check=True)
+    bank = Bank.open("bottle", load_config(config_file, uri=uri, progress=False))
     evaluation = evaluate_category(bank, "bottle", data / "bottle", "all", 256, progress=False)
     entry, scores = evaluation.report, evaluation.scores
     threshold = bank.image_threshold
@@ -55,11 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mvtec_ad"))
     parser.add_argument("--lite-only", action="store_true", help="Skip the Milvus server.")
+    parser.add_argument("--index-type", default=Config().index_type)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="verdicts-") as folder:
         work = Path(folder)
-        rows += check(args.data, str(work / "bottle.db"), "Milvus Lite")
+        config_file = work / "config.yaml"
+        config_file.write_text(f"index_type: {args.index_type}\n")
+        rows += check(args.data, str(work / "bottle.db"), "Milvus Lite", config_file)
         if not args.lite_only:
             problem = network_isolation_problem()
             if problem:
@@ -67,9 +70,10 @@ def main() -> None:
             server = MilvusTestServer(work / "server")
             server.start()
             try:
-                rows += check(args.data, server.uri, "Milvus 2.3.5 server")
+                rows += check(args.data, server.uri, "Milvus 2.3.5 server", config_file)
             finally:
                 server.stop()
+    print(f"bottle, index_type {args.index_type}")
     print(
         "| bank on | search | image AUROC / pixel AUROC / AUPRO | FP / FN | patch recall@1 | verdicts unlike exact "
         "search's | largest image-score difference from exact (relative) |"

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from patchcore_milvus.config import BACKBONE_NORMALIZATION, DEFAULT_SEARCH_PARAMS, Config, check_params
+from patchcore_milvus.config import (
+    BACKBONE_NORMALIZATION,
+    DEFAULT_SEARCH_PARAMS,
+    QUANTISED_INDEX_TYPES,
+    Config,
+    check_params,
+)
 from patchcore_milvus.description import BankDescription, ExtractorDescription, aggregation
 from patchcore_milvus.errors import BankMismatchError, ImageError, StoreError, VersionGoneError
 from patchcore_milvus.exact import ExactSearch
@@ -341,6 +347,11 @@ class Bank:
         n, p, dim = patches.shape
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
+        if self.description.index.type in QUANTISED_INDEX_TYPES and (ids >= 0).all():
+            # A quantised distance can be too small, which `settle_largest` may not see: take
+            # each patch's distance to the real bank vector found instead, never below the exact one.
+            found = self._vectors(version, ids.ravel()).reshape(n, p, dim)
+            distances = np.linalg.norm(patches - found, axis=-1).astype(distances.dtype)
         rechecked = settle_largest(distances, ids, patches, lambda vectors: self.precise(version, vectors, 1, {}))
         missing = int((ids < 0).sum())
         if missing:

@@ -40,6 +40,8 @@ def stage_threads() -> int:
 
 
 INDEX_TYPES = ("HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
+# Indexes that compare quantised vectors: their distances can be too small as well as too large.
+QUANTISED_INDEX_TYPES = ("HNSW_SQ", "IVF_SQ8")
 
 DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
     "HNSW": {"M": 16, "efConstruction": 200},

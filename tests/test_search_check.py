@@ -9,7 +9,7 @@ from conftest import textured_image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
 from patchcore_milvus.ann_check import MIN_RECALL, recall_at_1, same_distance
-from patchcore_milvus.errors import CalibrationError, ConfigError
+from patchcore_milvus.errors import CalibrationError, ConfigError, IndexTooPoorError
 from patchcore_milvus.exact import ExactSearch
 from patchcore_milvus.images import list_images
 from patchcore_milvus.scoring import reweighting_factor, settle_largest
@@ -135,3 +135,34 @@ def test_a_query_with_the_narrowest_search_still_scores_as_exact_search(ivf_bank
 def test_search_params_of_another_index_type_are_refused_for_the_bank(ivf_bank: Config):
     with pytest.raises(ConfigError, match="IVF_FLAT takes no parameter 'ef'"):
         Bank.open("texture", ivf_bank.replace(index_type="HNSW", index_params={}, search_params={"ef": 16}))
+
+
+def test_a_quantised_distance_too_small_cannot_hide_the_worst_patch(
+    good_folder: Path, small_config: Config, tmp_path: Path
+):
+    """An SQ index compares quantised vectors, so it may report the worst patch closer than the
+    others: the score must still be exact search's."""
+    config = small_config.replace(index_type="IVF_SQ8", index_params={"nlist": 16})
+    fit_bank("texture", list_images(good_folder), config)
+    bank, exact = Bank.open("texture", config), Bank.open("texture", config).with_exact_search()
+    milvus = bank.search
+
+    def quantised(version: str, vectors: np.ndarray, top_k: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+        distances, ids = milvus(version, vectors, top_k, params)
+        distances[distances[:, 0].argmax(), 0] *= 0.1  # the worst patch reported far too close
+        return distances, ids
+
+    bank.search = quantised
+    path = tmp_path / "bad.png"
+    textured_image(101, defect=True).save(path)
+    [(_, got)], [(_, want)] = bank.score_paths([path]), exact.score_paths([path])
+    assert got.image_score == pytest.approx(want.image_score, rel=1e-4)
+
+
+def test_a_quantised_index_that_moves_nearest_neighbours_is_refused_with_the_reason(
+    good_folder: Path, small_config: Config
+):
+    config = small_config.replace(index_type="HNSW_SQ")  # on these patches: 99.74 % at ef 32768
+    with pytest.raises(IndexTooPoorError, match=r"compares quantised vectors.*use HNSW or IVF_FLAT"):
+        fit_bank("texture", list_images(good_folder), config)
+    assert BankStore(config.uri).list_banks() == []
