@@ -239,6 +239,17 @@ def extract_patches(
     )
 
 
+def check_tile(config: Config, network_input: tuple[int, int]) -> None:
+    """Refuse a `tile` that covers the whole input: it would change nothing but the bank's
+    extractor, which every query would then have to ask for."""
+    if config.tile is not None and config.tile >= max(network_input):
+        height, width = network_input
+        raise ConfigError(
+            f"tile {config.tile} is not smaller than the {height} x {width} input, so the network would see each "
+            f"image whole, as without tile; leave tile out, or give an image_size above {config.tile}"
+        )
+
+
 def bank_shape(images: list[Path], config: Config) -> tuple[int, int] | None:
     """(height, width) the bank's images are resized to (see `images.input_shape`), from the
     files' headers; None: `image_size` squared."""
@@ -362,6 +373,7 @@ def _ingest(
         raise ImageError(f"no images to {'append to' if append else 'ingest for'} category {category!r}")
     if not append:  # before Milvus is touched: unusable weights or settings leave no empty bank file
         features = FeaturePipeline.from_config(config, bank_shape(images, config))
+        check_tile(config, features.preprocess.input_shape)
         check_resources(len(images), features, config.projection_dim)
     store = store or BankStore.from_config(config)
     grown = _Grown.read(store, category) if append else None

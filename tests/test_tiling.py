@@ -124,3 +124,10 @@ def test_ingest_takes_the_tile_as_a_flag(good_folder: Path, tmp_path: Path):
 def test_a_tile_that_cannot_lie_on_the_grid_is_refused(options: dict, message: str):
     with pytest.raises(ConfigError, match=message):
         Config(**options)
+
+
+def test_a_tile_covering_the_whole_input_is_refused_at_ingest_before_milvus(good_folder: Path, small_config: Config):
+    config = small_config.replace(image_size=128, tile=128)
+    with pytest.raises(ConfigError, match="tile 128 is not smaller than the 128 x 128 input"):
+        fit_bank("whole", list_images(good_folder), config)
+    assert not Path(config.uri).exists()
