@@ -61,13 +61,25 @@ def save_atomically(target: Path, write: Callable[[str], object]) -> None:
     """Write through a temporary file and rename, so a reader never sees a half-written file; the
     file gets the mode any new file would (0644 under umask 022). A temporary file left by a killed
     process is named with its PID, for `remove_stale_temporaries`."""
+    save_together([(target, write)])
+
+
+def save_together(files: list[tuple[Path, Callable[[str], object]]]) -> None:
+    """`save_atomically` for a set of files that belong together (one image's map, overlay and
+    mask): every one is written to its temporary file before the first is renamed, so a process
+    killed while writing (drawing an overlay takes long) leaves none of them, not a part."""
     prefix = _writer_prefix(os.getpid())
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=target.suffix)
-    os.close(handle)
+    temporaries: list[str] = []
     try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from everyone else
-        os.replace(temporary, target)
+        for target, write in files:
+            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=target.suffix)
+            os.close(handle)
+            temporaries.append(temporary)
+            write(temporary)
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from everyone else
+        for (target, _), temporary in zip(files, temporaries):
+            os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        for temporary in temporaries:
+            Path(temporary).unlink(missing_ok=True)
         raise

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from patchcore_milvus import __version__
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.evaluate import HEADLINE_METRICS, VERSUS_EXACT, CategoryEvaluation
-from patchcore_milvus.files import save_atomically
+from patchcore_milvus.files import save_atomically, save_together
 from patchcore_milvus.mvtec import GOOD, ground_truth
 from patchcore_milvus.visualize import overlay_figure
 
@@ -144,8 +144,12 @@ def write_report(
     """report.json, report.md, and per category: ROC and PRO curves and a contact sheet."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json", out / "report.md"]
-    save_atomically(written[0], lambda p: Path(p).write_text(json.dumps(_tidy(report), indent=2)))
-    save_atomically(written[1], lambda p: Path(p).write_text(markdown(report)))
+    save_together(
+        [
+            (written[0], lambda p: Path(p).write_text(json.dumps(_tidy(report), indent=2))),
+            (written[1], lambda p: Path(p).write_text(markdown(report))),
+        ]
+    )
     for evaluation in evaluations:
         written.append(plot_curves(evaluation, out / f"{evaluation.category}_curves.png"))
         written.append(contact_sheet(evaluation, banks[evaluation.category], out / f"{evaluation.category}_worst.png"))

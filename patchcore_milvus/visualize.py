@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from patchcore_milvus.bank import Inspection
-from patchcore_milvus.files import save_atomically
+from patchcore_milvus.files import save_together
 
 # Anchors of a blue -> cyan -> green -> yellow -> red map (like "jet"), interpolated linearly.
 _COLORMAP = np.array([[0, 0, 143], [0, 112, 255], [0, 220, 160], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
@@ -162,18 +163,15 @@ def output_stems(paths: list[Path]) -> list[str]:
 
 
 def write_outputs(out_dir: Path, stem: str, inspection: Inspection) -> list[Path]:
-    """The raw map (.npy, float32), the overlay figure (PNG) and the binary mask (PNG, 0/255)."""
+    """The raw map (.npy, float32), the overlay figure (PNG) and the binary mask (PNG, 0/255),
+    saved together: all or none of them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    raw = out_dir / f"{stem}_map.npy"
-    save_atomically(raw, lambda p: np.save(p, inspection.anomaly_map.astype(np.float32)))
-    written.append(raw)
-    figure = out_dir / f"{stem}_overlay.png"
-    save_atomically(figure, lambda p: overlay_figure(inspection).save(p, format="PNG"))
-    written.append(figure)
+    files: list[tuple[Path, Callable[[str], object]]] = [
+        (out_dir / f"{stem}_map.npy", lambda p: np.save(p, inspection.anomaly_map.astype(np.float32))),
+        (out_dir / f"{stem}_overlay.png", lambda p: overlay_figure(inspection).save(p, format="PNG")),
+    ]
     if inspection.mask is not None:
-        mask = out_dir / f"{stem}_mask.png"
         pixels = Image.fromarray(inspection.mask.astype(np.uint8) * 255)
-        save_atomically(mask, lambda p: pixels.save(p, format="PNG"))
-        written.append(mask)
-    return written
+        files.append((out_dir / f"{stem}_mask.png", lambda p: pixels.save(p, format="PNG")))
+    save_together(files)
+    return [path for path, _ in files]

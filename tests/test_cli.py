@@ -104,6 +104,29 @@ def test_a_query_killed_while_writing_leaves_nothing_the_next_one_does_not_clear
     assert not left.exists() and mine.exists() and elsewhere.exists() and (out / "good_map.npy").is_file()
 
 
+def test_a_query_killed_while_drawing_leaves_no_part_of_that_images_outputs(ingested: str, tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+
+    textured_image(100).save(tmp_path / "good.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    # The map is written, then the process is SIGKILLed while the overlay is drawn.
+    writer = (
+        "import os, sys; from pathlib import Path; from patchcore_milvus.files import save_together; "
+        "out = Path(sys.argv[1]); save_together([(out / 'good_map.npy', lambda p: Path(p).write_bytes(b'map')), "
+        "(out / 'good_overlay.png', lambda p: os.kill(os.getpid(), 9))])"
+    )
+    killed = subprocess.run([sys.executable, "-c", writer, str(out)], timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name.startswith(".tmp-") for p in out.iterdir()] == [True, True]  # no map without its overlay
+    result = query(ingested, "--out", str(out), str(tmp_path / "good.png"))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("left by an interrupted query") == 2
+    assert sorted(p.name for p in out.iterdir()) == ["good_map.npy", "good_mask.png", "good_overlay.png"]
+
+
 def test_query_writes_map_overlay_and_mask(ingested: str, tmp_path: Path):
     (tmp_path / "in" / "a").mkdir(parents=True)
     (tmp_path / "in" / "b").mkdir(parents=True)
