@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from patchcore_milvus.images import decode_rgb
 from patchcore_milvus.milvus import BankStore
 from patchcore_milvus.milvus.versions import validate_category
 from patchcore_milvus.regions import defect_regions
+from patchcore_milvus.visualize import display_range
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # an upload larger than this (e.g. 8000 x 5000) is refused before decoding
@@ -230,28 +232,41 @@ def _fail(jobs: list[_Job], exc: Exception) -> None:
 
 
 class Recent:
-    """The last inspections, by id, for their map, overlay and mask."""
+    """The last inspections, by id: their records (the JSON answers, newest last) and what their
+    map, pictures and mask are drawn from."""
 
     def __init__(self, keep: int = KEEP_INSPECTIONS, keep_bytes: int = KEEP_BYTES):
         self.keep, self.keep_bytes = keep, keep_bytes
-        self._items: OrderedDict[str, tuple[Inspection, int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Inspection, dict[str, Any], int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def add(self, inspection: Inspection) -> str:
+    def add(self, inspection: Inspection, describe: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """Keep `inspection` under a new id; its record is `describe(id)`, returned."""
         key = secrets.token_hex(8)
+        record = describe(key)
         size = inspection.anomaly_map.nbytes + inspection.image.width * inspection.image.height * 3
         with self._lock:
-            self._items[key] = (inspection, size)
+            self._items[key] = (inspection, record, size)
             self._bytes += size
             while len(self._items) > 1 and (len(self._items) > self.keep or self._bytes > self.keep_bytes):
-                self._bytes -= self._items.popitem(last=False)[1][1]
-        return key
+                self._bytes -= self._items.popitem(last=False)[1][2]
+        return record
 
     def get(self, key: str) -> Inspection | None:
         with self._lock:
             found = self._items.get(key)
         return None if found is None else found[0]
+
+    def records(self, category: str | None = None, verdict: str | None = None) -> list[dict[str, Any]]:
+        """The records kept, newest first, of `category` and `verdict` where given."""
+        with self._lock:
+            kept = [record for _, record, _ in self._items.values()]
+        return [
+            record
+            for record in reversed(kept)
+            if category in (None, record["category"]) and verdict in (None, record["verdict"])
+        ]
 
 
 def is_loopback(host: str) -> bool:
@@ -393,14 +408,19 @@ def create_app(
             logger.exception("inspection failed")
             raise refuse(500, "failed", f"{type(exc).__name__}: {exc}") from None
         result.timings_ms["decode"] = decode_ms
-        key = recent.add(result)
-        return JSONResponse(await run_in_threadpool(_inspection_json, key, category, result))
+        record = await run_in_threadpool(recent.add, result, lambda key: _inspection_json(key, category, result))
+        return JSONResponse(record)
 
     def _recent(key: str) -> Inspection:
         found = recent.get(key)
         if found is None:
             raise HTTPException(404, f"no inspection {key!r} here (only the last {keep} are kept)")
         return found
+
+    @app.get("/v1/inspections", dependencies=[Depends(authorized)])
+    def inspections(category: str | None = None, verdict: str | None = None) -> JSONResponse:
+        """The inspections kept here (the last `keep`), newest first, filtered by category and verdict."""
+        return JSONResponse({"keep": keep, "inspections": recent.records(category or None, verdict or None)})
 
     @app.get("/v1/inspections/{key}/map.npy", dependencies=[Depends(authorized)])
     def anomaly_map(key: str) -> Response:
@@ -413,6 +433,15 @@ def create_app(
         from patchcore_milvus.visualize import overlay_figure
 
         return Response(_png(overlay_figure(_recent(key))), media_type="image/png")
+
+    @app.get("/v1/inspections/{key}/heat.png", dependencies=[Depends(authorized)])
+    def heat(key: str, side: int = 1024) -> Response:
+        """The image with the map over it and the defect outlined, at most `side` pixels a side."""
+        from patchcore_milvus.visualize import heat_overlay
+
+        if not 16 <= side <= 4096:
+            raise HTTPException(400, f"side must be from 16 to 4096 pixels, got {side}")
+        return Response(_png(heat_overlay(_recent(key), side)), media_type="image/png")
 
     @app.get("/v1/inspections/{key}/mask.png", dependencies=[Depends(authorized)])
     def mask(key: str) -> Response:
@@ -445,6 +474,23 @@ def create_app(
             }
         )
 
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        """The station's web page (static; it calls the API, with the token where one is set)."""
+        return _page_file("index.html", "text/html; charset=utf-8")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/page.js", include_in_schema=False)
+    def page_script() -> Response:
+        return _page_file("page.js", "text/javascript; charset=utf-8")
+
+    @app.get("/page.css", include_in_schema=False)
+    def page_style() -> Response:
+        return _page_file("page.css", "text/css; charset=utf-8")
+
     @app.get("/healthz")
     def healthz(request: Request) -> JSONResponse:
         """Workers alive and Milvus answering (one call, no retries); the details with the token."""
@@ -467,6 +513,17 @@ def create_app(
     return app
 
 
+# The page's own files only, nothing from elsewhere: a station may have no internet.
+PAGE_POLICY = "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+
+def _page_file(name: str, media_type: str) -> Response:
+    from importlib.resources import files
+
+    content = files("patchcore_milvus").joinpath("web", name).read_bytes()
+    return Response(content, media_type=media_type, headers={"Content-Security-Policy": PAGE_POLICY})
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -477,7 +534,7 @@ def _inspection_json(key: str, category: str, result: Inspection) -> dict[str, A
     """The answer to an inspection (its mask and regions computed here, off the event loop)."""
     summary, mask = result.summary(), result.mask
     base = f"/v1/inspections/{key}"
-    links = {"map": f"{base}/map.npy", "overlay": f"{base}/overlay.png"}
+    links = {"map": f"{base}/map.npy", "overlay": f"{base}/overlay.png", "heat": f"{base}/heat.png"}
     if mask is not None:
         links["mask"] = f"{base}/mask.png"
     return {
@@ -491,6 +548,10 @@ def _inspection_json(key: str, category: str, result: Inspection) -> dict[str, A
         "bank_version": result.bank_version,
         "regions": [region.to_dict() for region in defect_regions(mask, result.anomaly_map)],
         "defect_pixels": summary["defect_pixels"],
+        "width": result.image.width,
+        "height": result.image.height,
+        "colors": dict(zip(("low", "high"), display_range(result))),  # the heat picture's colour scale
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ms": summary["ms"],
         "links": links,
     }

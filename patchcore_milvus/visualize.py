@@ -44,24 +44,10 @@ def overlay_figure(inspection: Inspection, title: str | None = None, truth: np.n
     pixel threshold marked) and what the outline means; each panel at most PANEL_SIDE pixels on
     its longer side. `truth` (a boolean mask at the image's size): the ground truth, outlined on
     the original beside the predicted outline on the overlay, so that a miss shows at a glance."""
-    image, amap, mask = inspection.image, inspection.anomaly_map, inspection.mask
-    scale = PANEL_SIDE / max(image.size)
-    if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        amap = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-        if mask is not None:
-            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    image, overlay, outlined = _panels(inspection)
     if truth is not None and truth.shape != (image.height, image.width):
         resized = Image.fromarray(truth.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
         truth = np.asarray(resized) > 0
-    low, high = display_range(inspection)
-    normalised = (amap - low) / max(high - low, 1e-12)
-    heat = Image.fromarray(heat_colors(normalised))
-    overlay = Image.blend(image, heat, 0.45)
-    outlined = mask is not None and bool(mask.any())
-    if outlined:
-        overlay = _outlined(overlay, mask, OUTLINE_COLOR)
     if truth is not None and truth.any():
         image = _outlined(image, truth, TRUTH_COLOR)
     font_size = max(14, image.width // 35)
@@ -79,8 +65,34 @@ def overlay_figure(inspection: Inspection, title: str | None = None, truth: np.n
     )
     color = DEFECT_COLOR if verdict == "DEFECT" else OK_COLOR if verdict == "OK" else (0, 0, 0)
     draw.text((font_size // 2, font_size // 3), text, fill=color, font=font)
-    _legend(draw, figure, inspection, (low, high), outlined, truth is not None, line, font)
+    _legend(draw, figure, inspection, display_range(inspection), outlined, truth is not None, line, font)
     return figure
+
+
+def heat_overlay(inspection: Inspection, side: int = PANEL_SIDE) -> Image.Image:
+    """The image with the anomaly map blended over it (colours on `display_range`) and the defect
+    mask outlined, at most `side` pixels on its longer side: the picture of a web page."""
+    return _panels(inspection, side)[1]
+
+
+def _panels(inspection: Inspection, side: int = PANEL_SIDE) -> tuple[Image.Image, Image.Image, bool]:
+    """(the image, its heat overlay, whether a defect is outlined), both at most `side` pixels on
+    their longer side."""
+    image, amap, mask = inspection.image, inspection.anomaly_map, inspection.mask
+    scale = side / max(image.size)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        amap = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+        if mask is not None:
+            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    low, high = display_range(inspection)
+    normalised = (amap - low) / max(high - low, 1e-12)
+    overlay = Image.blend(image, Image.fromarray(heat_colors(normalised)), 0.45)
+    outlined = mask is not None and bool(mask.any())
+    if outlined:
+        overlay = _outlined(overlay, mask, OUTLINE_COLOR)
+    return image, overlay, outlined
 
 
 def _outlined(image: Image.Image, region: np.ndarray, color: tuple[int, int, int]) -> Image.Image:

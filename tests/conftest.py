@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -116,3 +124,40 @@ def sample_description(category: str, images: list[str] | None = None) -> BankDe
         index=IndexDescription("HNSW", {"M": 8, "efConstruction": 64}),
         training_images=[TrainingImages("root", images or ["ünïcode ok.png"])],
     )
+
+
+CLI = [sys.executable, "-c", "from patchcore_milvus.cli import main; main()"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(uri: str, log: Path, *options: str) -> Iterator[str]:
+    """`patchcore-milvus serve` on a free loopback port, as a process of its own (a Lite file serves
+    one process: ingest it in a child too); yields its address once /healthz answers, and stops
+    it with Ctrl-C, which must end it cleanly."""
+    port = free_port()
+    with log.open("wb") as written:
+        server = subprocess.Popen([*CLI, "serve", "--uri", uri, "--port", str(port), *options], stderr=written)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{address}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve never answered"
+            time.sleep(0.3)
+        yield address
+        server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, no traceback
+        assert server.wait(timeout=60) == 0 and "Traceback" not in log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()

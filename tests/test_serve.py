@@ -2,17 +2,14 @@
 FastAPI's test client, and once as the real command on a loopback socket)."""
 
 import io
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import textured_image
+from conftest import CLI, serving, textured_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -166,6 +163,31 @@ def test_categories_health_and_metrics(client: TestClient, banked: Config):
     assert "patchcore_inspection_seconds_count 1.0" in metrics
 
 
+def test_recent_inspections_are_listed_newest_first_filtered_and_pictured(client: TestClient):
+    good = client.post("/v1/inspect?category=texture&name=g.png", content=GOOD).json()
+    bad = client.post("/v1/inspect?category=texture&name=b.png", content=BAD).json()
+    listed = client.get("/v1/inspections").json()
+    assert [r["id"] for r in listed["inspections"]] == [bad["id"], good["id"]] and listed["keep"] == 32
+    assert listed["inspections"][0] == bad  # the very answer, kept
+    assert [r["name"] for r in client.get("/v1/inspections?verdict=DEFECT").json()["inspections"]] == ["b.png"]
+    assert client.get("/v1/inspections?category=other").json()["inspections"] == []
+    assert (bad["width"], bad["height"]) == (96, 96) and bad["colors"]["low"] < bad["pixel_threshold"]
+    heat = Image.open(io.BytesIO(client.get(bad["links"]["heat"]).content))
+    assert heat.size == (96, 96)  # the image's own size, below the 1024 px bound
+    small = Image.open(io.BytesIO(client.get(bad["links"]["heat"] + "?side=48").content))
+    assert small.size == (48, 48)
+    assert client.get(bad["links"]["heat"] + "?side=0").status_code == 400
+
+
+def test_the_page_and_its_files_are_served_with_a_policy_of_their_own(client: TestClient):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="page.js"' in page.text
+    assert client.get("/page.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/page.css").headers["content-type"].startswith("text/css")
+
+
 def test_a_new_bank_version_reaches_the_service_through_the_alias(client: TestClient, banked: Config, good_folder):
     first = client.post("/v1/inspect?category=texture", content=GOOD).json()["bank_version"]
     fit_bank("texture", list_images(good_folder), banked.replace(coreset_size=40))
@@ -196,39 +218,12 @@ def test_a_token_is_required_beyond_loopback_and_checked(banked: Config):
     inspector.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_serve_command_answers_on_a_loopback_socket(good_folder: Path, tmp_path: Path):
-    cli = [sys.executable, "-c", "from patchcore_milvus.cli import main; main()"]
     uri = str(tmp_path / "station.db")  # a Lite file serves one process: ingested by a child as well
     settings = ["--category", "texture", "--images", str(good_folder), "--uri", uri, "--image-size", "64"]
-    subprocess.run([*cli, "ingest", *settings, "--coreset-ratio", "0.25", "--no-progress"], check=True)
-    port = _free_port()
-    serve = [*cli, "serve", "--uri", uri]
-    refused = subprocess.run([*serve, "--host", "0.0.0.0"], capture_output=True, text=True)
+    subprocess.run([*CLI, "ingest", *settings, "--coreset-ratio", "0.25", "--no-progress"], check=True)
+    refused = subprocess.run([*CLI, "serve", "--uri", uri, "--host", "0.0.0.0"], capture_output=True, text=True)
     assert refused.returncode == 2 and "give an API token" in refused.stderr and "Traceback" not in refused.stderr
-    log = tmp_path / "serve.log"
-    with log.open("wb") as written:
-        server = subprocess.Popen([*serve, "--port", str(port), "--category", "texture"], stderr=written)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve never answered"
-            time.sleep(0.3)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/inspect?category=texture", content=BAD, timeout=60)
+    with serving(uri, tmp_path / "serve.log", "--category", "texture") as address:
+        answer = httpx.post(f"{address}/v1/inspect?category=texture", content=BAD, timeout=60)
         assert answer.status_code == 200 and answer.json()["verdict"] == "DEFECT"
-        server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, no traceback
-        assert server.wait(timeout=60) == 0 and "Traceback" not in log.read_text()
-    finally:
-        if server.poll() is None:
-            server.kill()
