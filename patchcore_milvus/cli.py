@@ -185,7 +185,13 @@ def main() -> None:
 
 @main.command()
 @click.argument("data_root", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--category", required=True, help="Product category; also the bank's name in Milvus.")
+@click.option("--category", help="Product category; also the bank's name in Milvus.")
+@click.option(
+    "--from-review",
+    "reviewed",
+    metavar="CATEGORY",
+    help="Grow CATEGORY's bank with the parts found good on review (serve's page; implies --append).",
+)
 @click.option(
     "--images",
     "images_dir",
@@ -218,14 +224,27 @@ def main() -> None:
     "batch_size",
     "num_threads",
     "progress",
+    "review_folder",
 )
-def ingest(data_root: Path | None, category: str, images_dir: Path | None, append: bool, config: Config) -> None:
+def ingest(
+    data_root: Path | None,
+    category: str | None,
+    reviewed: str | None,
+    images_dir: Path | None,
+    append: bool,
+    config: Config,
+) -> None:
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
     from patchcore_milvus.images import scan_folder
     from patchcore_milvus.ingest import append_to_bank, fit_bank
     from patchcore_milvus.milvus import validate_category
     from patchcore_milvus.mvtec import train_folder
 
+    if reviewed is not None:
+        _append_reviewed(reviewed, category, data_root, images_dir, config)
+        return
+    if category is None:
+        raise click.UsageError("give --category (or --from-review CATEGORY)")
     validate_category(category)
     if images_dir is None:
         if data_root is None:
@@ -240,6 +259,21 @@ def ingest(data_root: Path | None, category: str, images_dir: Path | None, appen
         raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
     summary = (append_to_bank if append else fit_bank)(category, images, config, root=root)
     click.echo("\n".join(summary.lines()))
+
+
+def _append_reviewed(
+    reviewed: str, category: str | None, data_root: Path | None, images_dir: Path | None, config: Config
+) -> None:
+    from patchcore_milvus.review import append_reviewed
+
+    if category not in (None, reviewed):
+        raise click.UsageError(f"--category {category} and --from-review {reviewed} name two categories")
+    if data_root is not None or images_dir is not None:
+        raise click.UsageError("--from-review takes its images from the review queue: leave out DATA_ROOT and --images")
+    added, summary = append_reviewed(reviewed, config)
+    click.echo("\n".join(summary.lines()))
+    where = f"into {summary.collection}" if summary.search is not None else f"(already covered by {summary.collection})"
+    click.echo(f"review: {len(added)} parts found good on review added {where}")
 
 
 def _printable(path: Path) -> str:
@@ -439,7 +473,7 @@ def collections(config: Config) -> None:
 @click.option(
     "--queue", "queue_size", default=64, show_default=True, type=click.IntRange(1), help="Images that may wait."
 )
-@config_options(*SCORING, "search")
+@config_options(*SCORING, "search", "review_folder")
 def serve(
     host: str, port: int, token: str | None, categories: tuple[str, ...], queue_size: int, config: Config
 ) -> None:

@@ -188,6 +188,11 @@ class Config:
         None, "CPU threads for the extractor (default: half the cores on onnx, beside decoding or search; all, torch)."
     )
     progress: bool = _option(True, "Progress bars.")
+    review_folder: str = _option(
+        "./patchcore_review",
+        "Folder of the review queue: parts a station called DEFECT that a person found good, "
+        "kept to grow the bank (ingest --from-review).",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -48,3 +48,7 @@ class VersionGoneError(StoreError):
 
 class CalibrationError(PatchcoreMilvusError):
     """Thresholds could not be derived from the held-out images."""
+
+
+class ReviewError(PatchcoreMilvusError):
+    """A review decision that cannot be taken: not a DEFECT, reviewed already, nothing queued."""

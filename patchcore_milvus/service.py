@@ -22,21 +22,24 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile  # what the form parser makes (FastAPI's is a subclass)
 
 from patchcore_milvus.bank import Bank, Decoded, Extracted, Inspection
 from patchcore_milvus.config import Config, shown_uri
 from patchcore_milvus.errors import (
+    BankMismatchError,
     BankNotFoundError,
     ConfigError,
     ImageError,
+    ReviewError,
     StoreError,
     StoreUnavailableError,
 )
@@ -44,6 +47,7 @@ from patchcore_milvus.images import decode_rgb
 from patchcore_milvus.milvus import BankStore
 from patchcore_milvus.milvus.versions import validate_category
 from patchcore_milvus.regions import defect_regions
+from patchcore_milvus.review import ReviewQueue
 from patchcore_milvus.visualize import display_range
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -253,10 +257,11 @@ class Recent:
                 self._bytes -= self._items.popitem(last=False)[1][2]
         return record
 
-    def get(self, key: str) -> Inspection | None:
+    def get(self, key: str) -> tuple[Inspection, dict[str, Any]] | None:
+        """The inspection and its record, if it is still kept."""
         with self._lock:
             found = self._items.get(key)
-        return None if found is None else found[0]
+        return None if found is None else found[:2]
 
     def records(self, category: str | None = None, verdict: str | None = None) -> list[dict[str, Any]]:
         """The records kept, newest first, of `category` and `verdict` where given."""
@@ -303,6 +308,8 @@ def create_app(
     metrics = inspector.metrics
     uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
     described = token is None  # the OpenAPI page and /docs only where no token guards the API
+    reviews = ReviewQueue(inspector.config.review_folder)
+    appending = threading.Lock()  # one append of reviewed images at a time
     app = FastAPI(
         title="patchcore-milvus",
         version="1",
@@ -411,11 +418,14 @@ def create_app(
         record = await run_in_threadpool(recent.add, result, lambda key: _inspection_json(key, category, result))
         return JSONResponse(record)
 
-    def _recent(key: str) -> Inspection:
+    def _kept(key: str) -> tuple[Inspection, dict[str, Any]]:
         found = recent.get(key)
         if found is None:
             raise HTTPException(404, f"no inspection {key!r} here (only the last {keep} are kept)")
         return found
+
+    def _recent(key: str) -> Inspection:
+        return _kept(key)[0]
 
     @app.get("/v1/inspections", dependencies=[Depends(authorized)])
     def inspections(category: str | None = None, verdict: str | None = None) -> JSONResponse:
@@ -449,6 +459,46 @@ def create_app(
         if found is None:
             raise HTTPException(404, "this bank has no pixel threshold, so there is no mask")
         return Response(_png(Image.fromarray(found.astype(np.uint8) * 255)), media_type="image/png")
+
+    @app.post("/v1/inspections/{key}/review", dependencies=[Depends(authorized)])
+    def review(key: str, decision: Review) -> JSONResponse:
+        """A person found the part of a DEFECT inspection good: queue its image for the bank."""
+        inspection, record = _kept(key)
+        try:
+            queued = reviews.add_good(record, inspection.image)
+        except (ReviewError, StoreError) as exc:  # not a DEFECT, reviewed already; an invalid name
+            raise refuse(409, "review", str(exc)) from None
+        return JSONResponse({**queued.to_dict(), "queued": len(reviews.queued(record["category"]))})
+
+    @app.get("/v1/review/{category}", dependencies=[Depends(authorized)])
+    def review_queue(category: str) -> JSONResponse:
+        """The decisions waiting for an append, and those appended (newest first)."""
+        try:
+            queued, added = reviews.queued(category), reviews.added(category)
+        except (ReviewError, StoreError) as exc:
+            raise refuse(400, "bad_input", str(exc)) from None
+        return JSONResponse({"queued": [d.to_dict() for d in queued], "added": [d.to_dict() for d in reversed(added)]})
+
+    @app.post("/v1/review/{category}/append", dependencies=[Depends(authorized)])
+    def review_append(category: str) -> JSONResponse:
+        """Grow the bank with the queued images (`ingest --append --from-review`, in this process:
+        a Milvus Lite file serves this process only); the stations follow the new version."""
+        from patchcore_milvus.review import append_reviewed
+
+        if not appending.acquire(blocking=False):
+            raise refuse(409, "review", "an append of reviewed images is running already; retry when it is done")
+        try:
+            added, summary = append_reviewed(category, inspector.config, inspector.store, reviews)
+        except (ReviewError, BankNotFoundError, BankMismatchError, ImageError) as exc:
+            raise refuse(409, "review", str(exc)) from None
+        except StoreError as exc:
+            raise unavailable(exc) from None
+        finally:
+            appending.release()
+        published = summary.search is not None
+        return JSONResponse(
+            {"added": len(added), "version": summary.collection, "published": published, "summary": summary.lines()}
+        )
 
     @app.get("/v1/categories", dependencies=[Depends(authorized)])
     def categories() -> JSONResponse:
@@ -515,6 +565,12 @@ def create_app(
 
 # The page's own files only, nothing from elsewhere: a station may have no internet.
 PAGE_POLICY = "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+
+class Review(BaseModel):
+    """A person's decision on an inspection: "good" queues its part to grow the bank."""
+
+    decision: Literal["good"]
 
 
 def _page_file(name: str, media_type: str) -> Response:

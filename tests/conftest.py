@@ -96,6 +96,7 @@ def small_config(tmp_path: Path) -> Config:
         holdout_ratio=0.25,
         batch_size=4,
         progress=False,
+        review_folder=str(tmp_path / "review"),
     )
 
 

@@ -84,7 +84,8 @@ def test_the_page_shows_a_defective_and_a_good_bottle_and_the_recent_inspections
     from selenium.webdriver.support.ui import Select
 
     defective, good = bottle_root / "test" / "broken_large" / "000.png", bottle_root / "test" / "good" / "000.png"
-    with serving(bottle_uri, tmp_path / "serve.log", "--image-size", "128", "--category", "bottle") as address:
+    options = ("--image-size", "128", "--category", "bottle", "--review-folder", str(tmp_path / "review"))
+    with serving(bottle_uri, tmp_path / "serve.log", *options) as address:
         browser.get(f"{address}/")
         _wait(browser, lambda d: "bottle__v" in _text(d, "bank"), "the bank's version in the header")
         assert [o.text for o in Select(browser.find_element(By.ID, "category")).options] == ["bottle"]
@@ -107,7 +108,14 @@ def test_the_page_shows_a_defective_and_a_good_bottle_and_the_recent_inspections
         listed = browser.find_elements(By.CSS_SELECTOR, "#regions li")[0].text
         assert re.match(r"region 1: \d+ \u00d7 \d+ px at \(\d+, \d+\)", listed)
 
+        # The review loop: this DEFECT found good is queued for the bank.
+        browser.find_element(By.ID, "review-good").click()
+        _wait(browser, lambda d: _text(d, "review-state") == "queued for the bank", "the part queued")
+        waiting = "1 part found good on review wait for the bottle bank"
+        _wait(browser, lambda d: _text(d, "queue-state") == waiting, "the queue's state")
+
         _upload(browser, good, "OK")
+        assert not browser.find_element(By.ID, "review-good").is_displayed()  # an OK has nothing to review
         assert browser.find_elements(By.CSS_SELECTOR, "#picture .region") == []
         assert browser.find_elements(By.CSS_SELECTOR, "#regions li") == []
         _wait(browser, lambda d: len(_rows(d)) == 2, "two recent inspections")
@@ -131,6 +139,15 @@ def test_the_page_shows_a_defective_and_a_good_bottle_and_the_recent_inspections
         browser.find_element(By.ID, "file").send_keys(str(text_file))
         _wait(browser, lambda d: _text(d, "error").startswith("notes.png: "), "the reason for a bad upload")
         assert _text(browser, "verdict") == "OK" and len(_rows(browser)) == 3
+
+        # The queued part grows the bank: a new version, which the header shows.
+        before = _text(browser, "bank")
+        browser.find_element(By.ID, "review-append").click()
+        _wait(browser, lambda d: _text(d, "queue-state").startswith("1 added: the bank is now bottle__v"), "append")
+        version = _text(browser, "queue-state").rsplit(" ", 1)[1]
+        _wait(browser, lambda d: version in _text(d, "bank"), "the new version in the header")
+        assert version not in before
+        assert not browser.find_element(By.ID, "review-append").is_displayed()
 
 
 def test_the_page_asks_for_the_token_where_one_is_set(bottle_uri: str, browser, tmp_path: Path):

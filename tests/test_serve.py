@@ -179,6 +179,29 @@ def test_recent_inspections_are_listed_newest_first_filtered_and_pictured(client
     assert client.get(bad["links"]["heat"] + "?side=0").status_code == 400
 
 
+def test_a_defect_found_good_on_review_is_queued_and_appended_to_the_bank(client: TestClient, banked: Config):
+    good = client.post("/v1/inspect?category=texture", content=GOOD).json()
+    bad = client.post("/v1/inspect?category=texture", content=BAD).json()
+    queued = client.post(f"/v1/inspections/{bad['id']}/review", json={"decision": "good"})
+    assert queued.status_code == 200 and queued.json()["queued"] == 1
+    assert queued.json()["inspection"]["score"] == bad["score"]  # the station's answer, recorded
+    twice = client.post(f"/v1/inspections/{bad['id']}/review", json={"decision": "good"})
+    assert twice.status_code == 409 and "reviewed already" in twice.json()["detail"]
+    not_defect = client.post(f"/v1/inspections/{good['id']}/review", json={"decision": "good"})
+    assert not_defect.status_code == 409 and "not DEFECT" in not_defect.json()["detail"]
+    assert client.post(f"/v1/inspections/{bad['id']}/review", json={"decision": "bad"}).status_code == 422
+    assert [d["id"] for d in client.get("/v1/review/texture").json()["queued"]] == [bad["id"]]
+
+    appended = client.post("/v1/review/texture/append").json()
+    version = BankStore(banked.uri).resolve("texture")
+    assert appended["added"] == 1 and appended["version"] == version != bad["bank_version"]
+    review = client.get("/v1/review/texture").json()
+    assert review["queued"] == [] and [(d["id"], d["added_to"]) for d in review["added"]] == [(bad["id"], version)]
+    assert client.post("/v1/inspect?category=texture", content=BAD).json()["bank_version"] == version
+    nothing = client.post("/v1/review/texture/append")
+    assert nothing.status_code == 409 and "no reviewed images are queued" in nothing.json()["detail"]
+
+
 def test_the_page_and_its_files_are_served_with_a_policy_of_their_own(client: TestClient):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -6,6 +6,7 @@ const POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
 const pictures = new Map(); // "id side" -> object URL of a picture already fetched
 let shown = null; // the record in the main panel
+const reviewed = new Set(); // inspections queued for the bank (or added to it) on review
 
 function token() {
   return sessionStorage.getItem("patchcore-token") || "";
@@ -81,6 +82,7 @@ async function inspect(file) {
 }
 
 async function show(record) {
+  const url = await picture(record, 1024); // first, so that the panel changes all at once
   shown = record;
   const verdict = record.verdict || "no threshold";
   $("verdict").textContent = verdict;
@@ -95,9 +97,62 @@ async function show(record) {
   $("gauge-fill").className = record.verdict || "";
   $("color-low").textContent = record.colors.low.toFixed(1);
   $("color-high").textContent = record.colors.high.toFixed(1);
-  $("heat").src = await picture(record, 1024);
+  $("heat").src = url;
   drawRegions(record);
+  $("review").hidden = record.verdict !== "DEFECT";
+  $("review-good").disabled = reviewed.has(record.id);
+  $("review-state").textContent = reviewed.has(record.id) ? "queued for the bank" : "";
   $("result").hidden = false;
+}
+
+async function reviewGood() {
+  const record = shown;
+  $("review-good").disabled = true;
+  try {
+    const response = await api(`/v1/inspections/${record.id}/review`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ decision: "good" }),
+    });
+    reviewed.add(record.id);
+    await response.json();
+    $("review-state").textContent = "queued for the bank";
+    await loadQueue();
+  } catch (error) {
+    $("review-good").disabled = false;
+    showError(error.message);
+  }
+}
+
+async function loadQueue() {
+  const category = $("category").value;
+  if (!category) return;
+  const { queued, added } = await (await api(`/v1/review/${encodeURIComponent(category)}`)).json();
+  for (const decision of queued) reviewed.add(decision.id);
+  for (const decision of added) reviewed.add(decision.id);
+  $("queue").hidden = queued.length === 0 && !$("queue-state").dataset.done;
+  $("review-append").hidden = queued.length === 0;
+  if (queued.length) {
+    $("queue-state").textContent = `${queued.length} part${queued.length > 1 ? "s" : ""} found good on review wait for the ${category} bank`;
+  }
+}
+
+async function appendReviewed() {
+  const category = $("category").value;
+  $("review-append").disabled = true;
+  $("queue-state").textContent = "adding them to the bank…";
+  try {
+    const answer = await (await api(`/v1/review/${encodeURIComponent(category)}/append`, { method: "POST" })).json();
+    $("queue-state").textContent = answer.published
+      ? `${answer.added} added: the bank is now ${answer.version}`
+      : `${answer.added} added: ${answer.version} covered them already, no new version`;
+    $("queue-state").dataset.done = "1";
+    await loadQueue();
+    await loadCategories();
+  } catch (error) {
+    showError(error.message);
+    await loadQueue().catch(() => {});
+  } finally {
+    $("review-append").disabled = false;
+  }
 }
 
 function drawRegions(record) {
@@ -167,10 +222,15 @@ function setUp() {
     drop.classList.remove("over");
     if (event.dataTransfer.files.length) inspect(event.dataTransfer.files[0]);
   });
-  $("category").addEventListener("change", () => loadCategories().catch((error) => showError(error.message)));
+  $("category").addEventListener("change", () => {
+    delete $("queue-state").dataset.done;
+    loadCategories().then(loadQueue).catch((error) => showError(error.message));
+  });
   for (const filter of [$("filter-category"), $("filter-verdict")]) {
     filter.addEventListener("change", () => refreshRecent().catch((error) => showError(error.message)));
   }
+  $("review-good").addEventListener("click", reviewGood);
+  $("review-append").addEventListener("click", appendReviewed);
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem("patchcore-token", $("token").value);
@@ -183,7 +243,7 @@ function setUp() {
 
 function start() {
   showError("");
-  loadCategories().then(refreshRecent).catch((error) => showError(error.message));
+  loadCategories().then(refreshRecent).then(loadQueue).catch((error) => showError(error.message));
 }
 
 setUp();
