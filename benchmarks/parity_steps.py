@@ -109,7 +109,9 @@ def run_set(data_root: Path, category: str, resize: Resize | None, seed: int, wo
     if resize is not None:
         Preprocess.__call__ = resize  # type: ignore[method-assign]
     try:
-        config = Config(uri=str(work / "bank.db"), aspect="square", image_size=SIZE, coreset_ratio=0.01, progress=False)
+        config = Config(
+            uri=str(work / "bank.db"), aspect="square", image_size=SIZE, coreset_ratio=0.01, seed=seed, progress=False
+        )
         fit_bank(category, list_images(train_folder(data_root, category)), config)
         bank = Bank.open(category, config).with_exact_search()
         return score_set(bank, labelled_test_images(data_root / category), SIZE, "exact", progress=False)

@@ -133,9 +133,9 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 
 def _is_storage_fault(exc: OSError) -> bool:
-    """A file the system refused (disk full, read-only, not permitted), as opposed to a bug;
-    numpy reports a short write as "... requested and ... written", without an errno."""
-    return exc.errno in _STORAGE_ERRNOS or ("requested and" in str(exc) and "written" in str(exc))
+    """A file the system refused (disk full, read-only, not permitted), as opposed to a bug."""
+    text = str(exc)  # numpy says "... requested and ... written" or "Not enough free space", without an errno
+    return exc.errno in _STORAGE_ERRNOS or ("requested and" in text and "written" in text) or "free space" in text
 
 
 class _Group(click.Group):

@@ -13,6 +13,7 @@ from torch import nn
 from patchcore_milvus.backbones import Backbone, build_backbone
 from patchcore_milvus.config import Config
 from patchcore_milvus.description import ExtractorDescription, aggregation
+from patchcore_milvus.errors import ConfigError
 from patchcore_milvus.images import NORMALIZATION_STATS
 
 
@@ -51,6 +52,11 @@ def build(
     """The configured backbone with its weights, cut and aggregated, and its description (for
     images resized to `image_shape`, height and width; None: `image_size` squared)."""
     backbone = build_backbone(config.backbone, config.weights, config.seed)
+    if config.target_dim is not None and config.target_dim > sum(backbone.channels):
+        raise ConfigError(
+            f"target_dim {config.target_dim} is more than the {sum(backbone.channels)} dims {config.backbone}'s "
+            "patches have: pooling can only reduce them; give at most that, or leave target_dim out"
+        )
     normalization = backbone.native_normalization if config.normalization == "backbone" else "imagenet"
     mean, std = NORMALIZATION_STATS[normalization]
     extractor = PatchFeatureExtractor(backbone, config.target_dim, config.border).eval()

@@ -475,3 +475,23 @@ def test_an_ingest_that_would_not_fit_is_refused_before_it_starts(good_folder: P
     assert result.exit_code == 2 and "GiB of temporary disk in" in result.output and not db.exists()
     monkeypatch.undo()
     assert CliRunner().invoke(main, [*args, "--coreset-ratio", "0.25", "--no-progress"]).exit_code == 0
+
+
+def test_numpy_running_out_of_space_without_an_errno_is_a_message(ingested: str, tmp_path: Path, monkeypatch):
+    import numpy
+
+    textured_image(100).save(tmp_path / "good.png")
+
+    def short(target, *args, **kwargs):  # numpy's own words for a full disk on a large array
+        raise OSError("Not enough free space to write 36000000 bytes after offset 128")
+
+    monkeypatch.setattr(numpy, "save", short)
+    result = query(ingested, "--out", str(tmp_path / "out"), str(tmp_path / "good.png"))
+    assert result.exit_code == 2 and "Free some space" in result.output and "Traceback" not in result.output
+
+
+def test_a_target_dim_above_the_backbone_s_dims_is_refused(good_folder: Path, tmp_path: Path):
+    settings = ["--images", str(good_folder), "--uri", str(tmp_path / "t.db"), "--image-size", "64"]
+    result = CliRunner().invoke(main, ["ingest", "--category", "t", *settings, "--target-dim", "153"])
+    assert result.exit_code == 2 and "target_dim 153 is more than the 152 dims" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "t.db").exists()
