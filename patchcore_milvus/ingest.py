@@ -239,6 +239,10 @@ def extract_patches(
     )
 
 
+def _size(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
 def check_tile(config: Config, network_input: tuple[int, int]) -> None:
     """Refuse a `tile` that covers the whole input: it would change nothing but the bank's
     extractor, which every query would then have to ask for."""
@@ -282,9 +286,9 @@ def check_resources(images: int, features: FeaturePipeline, projection_dim: int)
     available, free = _available_memory(), shutil.disk_usage(folder).free
     short = []
     if available is not None and memory > available:
-        short.append(f"about {memory / 2**30:.1f} GiB of memory ({available / 2**30:.1f} GiB available)")
+        short.append(f"about {_size(memory)} of memory ({_size(available)} available)")
     if disk > free:
-        short.append(f"about {disk / 2**30:.1f} GiB of temporary disk in {folder} ({free / 2**30:.1f} GiB free)")
+        short.append(f"about {_size(disk)} of temporary disk in {folder} ({_size(free)} free)")
     if short:
         raise ConfigError(
             f"this ingest of {images} images ({patches} patches of {features.dim} dims) needs "

@@ -467,12 +467,12 @@ def test_an_ingest_that_would_not_fit_is_refused_before_it_starts(good_folder: P
     monkeypatch.setattr(ingest, "_available_memory", lambda: 1000)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "this ingest of 8 images (512 patches of 152 dims) needs about" in result.output
-    assert "GiB of memory" in result.output and "nothing was started" in result.output
+    assert "MiB of memory (0 MiB available)" in result.output and "nothing was started" in result.output
     assert not db.exists()
     monkeypatch.setattr(ingest, "_available_memory", lambda: None)  # where it cannot be read: not checked
     monkeypatch.setattr(ingest.shutil, "disk_usage", lambda folder: shutil_usage(0, 0, 1000))
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "GiB of temporary disk in" in result.output and not db.exists()
+    assert result.exit_code == 2 and "MiB of temporary disk in" in result.output and not db.exists()
     monkeypatch.undo()
     assert CliRunner().invoke(main, [*args, "--coreset-ratio", "0.25", "--no-progress"]).exit_code == 0
 
