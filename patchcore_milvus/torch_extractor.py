@@ -52,9 +52,10 @@ def build(
     """The configured backbone with its weights, cut and aggregated, and its description (for
     images resized to `image_shape`, height and width; None: `image_size` squared)."""
     backbone = build_backbone(config.backbone, config.weights, config.seed)
-    if config.target_dim is not None and config.target_dim > sum(backbone.channels):
+    native = sum(backbone.channels)  # the patch dims before any pooling
+    if config.target_dim is not None and config.target_dim > native:
         raise ConfigError(
-            f"target_dim {config.target_dim} is more than the {sum(backbone.channels)} dims {config.backbone}'s "
+            f"target_dim {config.target_dim} is more than the {native} dims {config.backbone}'s "
             "patches have: pooling can only reduce them; give at most that, or leave target_dim out"
         )
     normalization = backbone.native_normalization if config.normalization == "backbone" else "imagenet"
