@@ -18,6 +18,7 @@ moves a figure), pixel metrics at 256 px:
 
     python benchmarks/parity_steps.py            # both sets, about 15 minutes on 2 cores
     python benchmarks/parity_steps.py --set ../shared/data/mvtec_ad:bottle --seed 1
+    python benchmarks/parity_steps.py --inputs 5    # how far the resized inputs lie apart, only
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from PIL import Image
 from patchcore_milvus.bank import Bank
 from patchcore_milvus.config import Config
 from patchcore_milvus.evaluate import HEADLINE_METRICS, ScoredSet, score_set, set_metrics
-from patchcore_milvus.images import Preprocess, list_images
+from patchcore_milvus.images import NORMALIZATION_STATS, Preprocess, list_images, load_rgb
 from patchcore_milvus.ingest import fit_bank
 from patchcore_milvus.mvtec import ground_truth, labelled_test_images, train_folder
 from patchcore_milvus.scoring import _bilinear, _gaussian
@@ -119,11 +120,36 @@ def run_set(data_root: Path, category: str, resize: Resize | None, seed: int, wo
         Preprocess.__call__ = original  # type: ignore[method-assign]
 
 
+def input_differences(data_root: Path, category: str, count: int) -> list[str]:
+    """How far each other resize's network input lies from ours, in grey levels (of 255), on the
+    first `count` training images: the largest and the mean absolute difference of each."""
+    ours = Preprocess(SIZE, None, *NORMALIZATION_STATS[Config().normalization])
+    levels = np.asarray(ours.std, dtype=np.float32)[:, None, None] * 255.0
+    lines = []
+    for path in list_images(train_folder(data_root, category))[:count]:
+        image = load_rgb(path)
+        mine = ours(image)
+        for name, resize in RESIZES.items():
+            if resize is not None:
+                apart = np.abs(resize(ours, image) - mine) * levels
+                lines.append(f"| {category} | {path.name} | {name} | {apart.max():.2f} | {apart.mean():.3f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", help="DATA_ROOT:CATEGORY (repeatable; default: both sets)")
     parser.add_argument("--seed", type=int, default=0, help="the hold-out split's and the coreset's seed")
+    parser.add_argument("--inputs", type=int, metavar="N", help="only compare the inputs of N training images")
     args = parser.parse_args()
+    if args.inputs:
+        print(
+            "| set | image | resize | largest difference from ours (of 255) | mean |\n| --- | --- | --- | --- | --- |"
+        )
+        for spec in args.set or SETS:
+            root, category = spec.rsplit(":", 1)
+            print("\n".join(input_differences(Path(root), category, args.inputs)))
+        return
     rows = []
     for spec in args.set or SETS:
         root, category = spec.rsplit(":", 1)
