@@ -130,6 +130,7 @@ class Bank:
         self.features = features
         self.config = config
         self.search: SearchFunction = search or store.search  # every patch, at the bank's width
+        self._searches_index = search is None  # Milvus' index: its distances may be quantised
         if mirror is None and precise is None:
             mirror = VersionVectors(store)
         self.mirror = mirror  # also where the eq. 7 candidates' vectors are read, if there is one
@@ -347,7 +348,8 @@ class Bank:
         n, p, dim = patches.shape
         distances, ids = self.search(version, patches.reshape(-1, dim), 1, self.search_params)
         distances, ids = distances[:, 0].reshape(n, p), ids[:, 0].reshape(n, p)
-        if self.description.index.type in QUANTISED_INDEX_TYPES and (ids >= 0).all():
+        quantised = self._searches_index and self.description.index.type in QUANTISED_INDEX_TYPES
+        if quantised and (ids >= 0).all():
             # A quantised distance can be too small, which `settle_largest` may not see: take
             # each patch's distance to the real bank vector found instead, never below the exact one.
             found = self._vectors(version, ids.ravel()).reshape(n, p, dim)

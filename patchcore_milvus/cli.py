@@ -190,7 +190,8 @@ def main() -> None:
     "--from-review",
     "reviewed",
     metavar="CATEGORY",
-    help="Grow CATEGORY's bank with the parts found good on review (serve's page; implies --append).",
+    help="Grow CATEGORY's bank with the parts found good on review (serve's page), with the bank's own "
+    "settings and none held out (implies --append).",
 )
 @click.option(
     "--images",
@@ -473,15 +474,29 @@ def collections(config: Config) -> None:
 @click.option(
     "--queue", "queue_size", default=64, show_default=True, type=click.IntRange(1), help="Images that may wait."
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A name browsers reach this station by, besides IP addresses, localhost and the machine's own names "
+    "(repeatable); other Host headers are refused.",
+)
 @config_options(*SCORING, "search", "review_folder")
 def serve(
-    host: str, port: int, token: str | None, categories: tuple[str, ...], queue_size: int, config: Config
+    host: str,
+    port: int,
+    token: str | None,
+    categories: tuple[str, ...],
+    queue_size: int,
+    allowed_hosts: tuple[str, ...],
+    config: Config,
 ) -> None:
     """Answer inspections over HTTP: POST /v1/inspect?category=C with an image (see README)."""
     from patchcore_milvus import service
 
     try:
-        service.serve(config, host, port, token, categories, queue_size, announce=click.echo)
+        service.serve(config, host, port, token, categories, queue_size, click.echo, allowed_hosts)
     except KeyboardInterrupt:  # uvicorn has answered the requests in flight and stopped
         click.echo("stopped")
 

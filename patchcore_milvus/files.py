@@ -64,10 +64,12 @@ def save_atomically(target: Path, write: Callable[[str], object]) -> None:
     save_together([(target, write)])
 
 
-def save_together(files: list[tuple[Path, Callable[[str], object]]]) -> None:
+def save_together(files: list[tuple[Path, Callable[[str], object]]], durable: bool = False) -> None:
     """`save_atomically` for a set of files that belong together (one image's map, overlay and
     mask): every one is written to its temporary file before the first is renamed, so a process
-    killed while writing (drawing an overlay takes long) leaves none of them, not a part."""
+    killed while writing (drawing an overlay takes long) leaves none of them, not a part; a kill
+    between two renames can still leave the first files without the rest. `durable`: each file
+    and its folder reach the disk before this returns, so a power cut keeps what was said saved."""
     prefix = _writer_prefix(os.getpid())
     temporaries: list[str] = []
     try:
@@ -77,9 +79,23 @@ def save_together(files: list[tuple[Path, Callable[[str], object]]]) -> None:
             temporaries.append(temporary)
             write(temporary)
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from everyone else
+            if durable:
+                _sync(temporary)
         for (target, _), temporary in zip(files, temporaries):
             os.replace(temporary, target)
+        if durable:
+            for folder in {target.parent for target, _ in files}:
+                _sync(folder)
     except BaseException:
         for temporary in temporaries:
             Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _sync(path: str | Path) -> None:
+    """A file's (or a folder's: its names) contents on the disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

@@ -499,7 +499,10 @@ def _ingest(
         )
         earlier = old.thresholds.holdout if old.thresholds else []
     held_out = [(images[i], names[i]) for i in held_idx]
-    collection, description = _publish(store, features, config, contents, description, held_out, earlier, seconds)
+    replaces = None if grown is None else grown.version
+    collection, description = _publish(
+        store, features, config, contents, description, held_out, earlier, seconds, replaces
+    )
     assert description.thresholds is not None  # _publish calibrated them
     return _summary(
         category,
@@ -613,10 +616,12 @@ def _publish(
     held_out: list[tuple[Path, str]],
     earlier_holdout: list[HeldOutImage],
     seconds: dict[str, float],
+    replaces: str | None,
 ) -> tuple[str, BankDescription]:
     """Store the rows as a new version, check its search against exact search, calibrate its
     thresholds, verify it, then point the category at it; returns the version and its final
-    description. On any failure the new version is dropped and the old one serves on."""
+    description. On any failure the new version is dropped and the old one serves on. `replaces`:
+    the version an append grew, which must still be the category's (`BankStore.publish`)."""
     category = description.category
     t = time.perf_counter()
     rows = contents.rows
@@ -696,7 +701,7 @@ def _publish(
         stored = store.read_description_or_none(collection)
         if stored is None or stored.to_json() != description.to_json():
             raise StoreError(f"new bank version {collection}: its description did not read back as written")
-        store.publish(category, collection, keep=config.keep_versions)
+        store.publish(category, collection, keep=config.keep_versions, replaces=replaces)
     except BaseException:
         store.drop_version(collection)
         raise

@@ -2,19 +2,25 @@
 
 A decision keeps the image and its inspection on disk, under `review_folder/<category>/`:
 
-    queued/<id>/image.png, decision.json    waiting for the next append
-    added/<id>/image.png, decision.json     appended (decision.json says to which version, and when)
-    decisions.jsonl                         every decision and every append, one JSON line each
+    images/<id>.png             the part, lossless; it never moves, so the bank's record of it holds
+    queued/<id>.json            a decision waiting for the next append
+    added/<id>.json             appended (it says to which version, and when)
+    damaged/<id>.json           a record that could not be read, or an image the append could not use
+    decisions.jsonl             every decision, append and set-aside, one JSON line each
 
-`append_reviewed` grows the bank with what is queued (`ingest.append_to_bank`: a new version
-through the alias, which every station follows) and moves those decisions to `added/`. It is all
-files, so the queue survives a restart and an ingest host sharing the folder can read it.
+A decision changes state by one rename, done under the category's lock (`.queue.lock`), which
+every process sharing the folder takes; an append holds `.append.lock` from the bank it reads to
+the moves, so two never grow the bank from the same queue. All files, so the queue survives a
+restart and an ingest host sharing the folder can run the append.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,10 +34,10 @@ from patchcore_milvus.files import save_together
 from patchcore_milvus.milvus import BankStore, validate_category
 
 if TYPE_CHECKING:
+    from patchcore_milvus.description import BankDescription
     from patchcore_milvus.ingest import IngestSummary
 
-QUEUED, ADDED, LOG = "queued", "added", "decisions.jsonl"
-IMAGE, RECORD = "image.png", "decision.json"
+IMAGES, QUEUED, ADDED, DAMAGED, LOG = "images", "queued", "added", "damaged", "decisions.jsonl"
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,24 @@ class ReviewQueue:
         validate_category(category)  # a folder name: nothing lands outside `folder`
         return self.folder / category
 
+    @contextmanager
+    def _locked(self, category: str, name: str = ".queue.lock", wait: bool = True) -> Iterator[Path]:
+        """The category's folder, held exclusively against every other process and thread that
+        takes the same lock (flock: one per open file, so threads exclude each other too)."""
+        folder = self._category(category)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / name).open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise ReviewError(
+                    f"an append of {category}'s reviewed images is running already; retry when it is done"
+                ) from None
+            try:
+                yield folder
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def add_good(self, record: dict[str, Any], image: Image.Image) -> Decision:
         """Queue a DEFECT inspection whose part was found good (`record`: the station's answer,
         with its `id` and `category`), with its image as PNG (lossless)."""
@@ -75,84 +99,123 @@ class ReviewQueue:
             )
         if not key.isalnum():
             raise ReviewError(f"{key!r} is not an inspection id")
-        folder = self._category(category)
-        if any((folder / state / key / RECORD).exists() for state in (QUEUED, ADDED)):
-            raise ReviewError(f"inspection {key} was reviewed already")
         decision = Decision(key, category, "good", _now(), record)
-        place = folder / QUEUED / key
-        place.mkdir(parents=True, exist_ok=True)
-        save_together(  # the record last: a folder without one is not a decision
-            [
-                (place / IMAGE, lambda p: image.save(p, format="PNG")),
-                (place / RECORD, lambda p: Path(p).write_text(json.dumps(decision.to_dict()))),
-            ]
-        )
-        self._log(category, {"event": "good", **decision.to_dict()})
+        with self._locked(category) as folder:
+            if any((folder / state / f"{key}.json").exists() for state in (QUEUED, ADDED, DAMAGED)):
+                raise ReviewError(f"inspection {key} was reviewed already")
+            for state in (IMAGES, QUEUED):
+                (folder / state).mkdir(exist_ok=True)
+            # The image first: a record is only ever written beside its image.
+            save_together([(folder / IMAGES / f"{key}.png", lambda p: image.save(p, format="PNG"))], durable=True)
+            _write(folder / QUEUED / f"{key}.json", decision)
+            self._log(folder, {"event": "good", **decision.to_dict()})
         return decision
 
     def queued(self, category: str) -> list[Decision]:
         """The decisions waiting for an append, oldest first."""
-        self._finish_moves(category)
-        return self._read(category, QUEUED)
+        with self._locked(category) as folder:
+            self._finish_moves(folder)
+            return self._read(folder, QUEUED)
 
     def added(self, category: str) -> list[Decision]:
-        self._finish_moves(category)
-        return self._read(category, ADDED)
+        with self._locked(category) as folder:
+            self._finish_moves(folder)
+            return self._read(folder, ADDED)
 
     def image(self, decision: Decision) -> Path:
-        return (
-            self._category(decision.category) / (QUEUED if decision.added_to is None else ADDED) / decision.id / IMAGE
-        )
+        return self._category(decision.category) / IMAGES / f"{decision.id}.png"
 
-    def mark_added(self, category: str, decisions: list[Decision], version: str, published: bool) -> None:
-        """Record in each decision the version it went into, then move it to `added/`."""
-        folder = self._category(category)
+    def mark_added(
+        self, category: str, decisions: list[Decision], version: str, published: bool, unusable: dict[str, str]
+    ) -> None:
+        """Record in each decision the version it went into, then move it to `added/`; those whose
+        image the append could not use (`unusable`: id -> reason) go to `damaged/`."""
         at = _now()
-        for decision in decisions:
-            done = Decision(**{**decision.to_dict(), "added_to": version, "added_at": at, "published": published})
-            record = folder / QUEUED / decision.id / RECORD
-            save_together([(record, lambda p, d=done: Path(p).write_text(json.dumps(d.to_dict())))])
-        self._finish_moves(category)
-        ids = [d.id for d in decisions]
-        self._log(category, {"event": "appended", "ids": ids, "version": version, "published": published, "at": at})
+        with self._locked(category) as folder:
+            for decision in decisions:
+                if decision.id in unusable:
+                    self._set_aside(folder, folder / QUEUED / f"{decision.id}.json", unusable[decision.id])
+                    continue
+                done = Decision(**{**decision.to_dict(), "added_to": version, "added_at": at, "published": published})
+                _write(folder / QUEUED / f"{decision.id}.json", done)
+            self._finish_moves(folder)
+            ids = [d.id for d in decisions if d.id not in unusable]
+            self._log(folder, {"event": "appended", "ids": ids, "version": version, "published": published, "at": at})
 
-    def _finish_moves(self, category: str) -> None:
+    def _finish_moves(self, folder: Path) -> None:
         """Move every queued decision that records its version to `added/` (one rename each; a
-        crash before it is finished here next time)."""
-        folder = self._category(category)
-        for decision in self._read(category, QUEUED):
+        crash before it is finished here next time). The lock is held."""
+        for decision in self._read(folder, QUEUED):
             if decision.added_to is not None:
-                (folder / ADDED).mkdir(parents=True, exist_ok=True)
-                os.replace(folder / QUEUED / decision.id, folder / ADDED / decision.id)
+                (folder / ADDED).mkdir(exist_ok=True)
+                os.replace(folder / QUEUED / f"{decision.id}.json", folder / ADDED / f"{decision.id}.json")
 
-    def _read(self, category: str, state: str) -> list[Decision]:
+    def _read(self, folder: Path, state: str) -> list[Decision]:
+        """The decisions in `state`; a record that cannot be read is set aside in `damaged/`
+        (and logged), so that one bad file does not stop the category's queue."""
         found = []
-        for record in (self._category(category) / state).glob(f"*/{RECORD}"):
+        for record in (folder / state).glob("*.json"):
             try:
                 found.append(Decision(**json.loads(record.read_text())))
             except (OSError, ValueError, TypeError) as exc:
-                raise ReviewError(f"cannot read the review record {record} ({exc}); move its folder away") from exc
+                self._set_aside(folder, record, f"unreadable record ({exc})")
         return sorted(found, key=lambda d: (d.decided_at, d.id))
 
-    def _log(self, category: str, entry: dict[str, Any]) -> None:
-        with (self._category(category) / LOG).open("a") as out:
+    def _set_aside(self, folder: Path, record: Path, reason: str) -> None:
+        (folder / DAMAGED).mkdir(exist_ok=True)
+        os.replace(record, folder / DAMAGED / record.name)
+        self._log(folder, {"event": "set aside", "id": record.stem, "reason": reason, "at": _now()})
+
+    def _log(self, folder: Path, entry: dict[str, Any]) -> None:
+        with (folder / LOG).open("a") as out:
             out.write(json.dumps(entry) + "\n")
             out.flush()
             os.fsync(out.fileno())
 
 
+def _write(record: Path, decision: Decision) -> None:
+    save_together([(record, lambda p: Path(p).write_text(json.dumps(decision.to_dict())))], durable=True)
+
+
+def review_settings(config: Config, description: BankDescription) -> Config:
+    """The settings an append of reviewed parts runs with: the bank's own (its index, its seed,
+    its threshold margin and coreset share; the search widths chosen afresh), whatever process runs
+    it, and no part held out. A reviewed part was called DEFECT: held out, its score would set the
+    thresholds for good, and the bank, without its patches, would keep scoring the variant high."""
+    thresholds = description.thresholds
+    return config.replace(
+        index_type=description.index.type,
+        index_params=dict(description.index.params),
+        search_params={},
+        seed=description.coreset.projection_seed,
+        coreset_ratio=description.coreset.ratio,
+        coreset_size=None,
+        threshold_sigma=config.threshold_sigma if thresholds is None else thresholds.sigma,
+        holdout_ratio=0.0,
+    )
+
+
 def append_reviewed(
     category: str, config: Config, store: BankStore | None = None, queue: ReviewQueue | None = None
 ) -> tuple[list[Decision], IngestSummary]:
-    """Grow `category`'s bank with the images queued for review: (the decisions added, the
-    append's summary). Refused where nothing is queued."""
+    """Grow `category`'s bank with the images queued for review (`review_settings`): (the
+    decisions added, the append's summary). Refused where nothing is queued, or another append of
+    the category runs. A crash between the publish and the moves leaves the decisions queued; the
+    next append finds their patches in the bank already and publishes nothing."""
     from patchcore_milvus.ingest import append_to_bank
 
     queue = queue or ReviewQueue(config.review_folder)
-    waiting = queue.queued(category)
-    if not waiting:
-        raise ReviewError(f"no reviewed images are queued for {category!r} in {queue.folder / category / QUEUED}")
-    images = [queue.image(decision) for decision in waiting]
-    summary = append_to_bank(category, images, config, store=store, root=queue.folder / category / QUEUED)
-    queue.mark_added(category, waiting, summary.collection, published=summary.search is not None)
-    return waiting, summary
+    store = store or BankStore.from_config(config)
+    with queue._locked(category, ".append.lock", wait=False) as folder:
+        waiting = queue.queued(category)
+        if not waiting:
+            raise ReviewError(f"no reviewed images are queued for {category!r} in {folder / QUEUED}")
+        settings = review_settings(config, store.read_description(store.resolve(category)))
+        images = [queue.image(decision) for decision in waiting]
+        summary = append_to_bank(category, images, settings, store=store, root=folder / IMAGES)
+        by_path = {f"{path}: ": decision.id for path, decision in zip(images, waiting)}
+        unusable = {
+            key: reason for reason in summary.skipped for prefix, key in by_path.items() if reason.startswith(prefix)
+        }
+        queue.mark_added(category, waiting, summary.collection, summary.search is not None, unusable)
+    return [d for d in waiting if d.id not in unusable], summary

@@ -15,14 +15,16 @@ import ipaddress
 import logging
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -35,11 +37,10 @@ from starlette.datastructures import UploadFile  # what the form parser makes (F
 from patchcore_milvus.bank import Bank, Decoded, Extracted, Inspection
 from patchcore_milvus.config import Config, shown_uri
 from patchcore_milvus.errors import (
-    BankMismatchError,
     BankNotFoundError,
     ConfigError,
     ImageError,
-    ReviewError,
+    PatchcoreMilvusError,
     StoreError,
     StoreUnavailableError,
 )
@@ -300,16 +301,19 @@ def create_app(
     max_pixels: int = MAX_PIXELS,
     keep: int = KEEP_INSPECTIONS,
     timeout_s: float = REQUEST_TIMEOUT_S,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> FastAPI:
     """The FastAPI application over `inspector` (started and stopped by the caller). With a
-    token, every endpoint but /healthz's status needs it, the API description included."""
+    token, every endpoint but /healthz's status needs it, the API description included.
+    `allowed_hosts`: names a request's Host may give besides IP addresses, localhost and this
+    machine's own names (`same_station`)."""
     token = token or None
+    names = station_names(allowed_hosts)
     recent = Recent(keep)
     metrics = inspector.metrics
     uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
     described = token is None  # the OpenAPI page and /docs only where no token guards the API
     reviews = ReviewQueue(inspector.config.review_folder)
-    appending = threading.Lock()  # one append of reviewed images at a time
     app = FastAPI(
         title="patchcore-milvus",
         version="1",
@@ -317,6 +321,24 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json" if described else None,
     )
+
+    @app.middleware("http")
+    async def same_station(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """A web page elsewhere must not drive the station through its user's browser: a Host that
+        is none of this station's names is a DNS-rebinding page reaching 127.0.0.1 (400), and a
+        POST whose Origin is another site is a cross-site request (403). Tools send no Origin."""
+        host = request.headers.get("host", "")
+        if not host_allowed(host, names):
+            metrics.refused.labels("host").inc()
+            message = f"Host {host!r} is not a name of this station; start serve with --allowed-host NAME to accept it"
+            return JSONResponse({"detail": message}, 400)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != host:
+            metrics.refused.labels("cross_origin").inc()
+            return JSONResponse(
+                {"detail": f"a request from the page of {origin} is refused: open this station's own page"}, 403
+            )
+        return await call_next(request)
 
     def allowed(request: Request) -> bool:
         if token is None:
@@ -460,41 +482,50 @@ def create_app(
             raise HTTPException(404, "this bank has no pixel threshold, so there is no mask")
         return Response(_png(Image.fromarray(found.astype(np.uint8) * 255)), media_type="image/png")
 
+    def review_refused(exc: Exception) -> HTTPException:
+        """A review call's failure: Milvus away (503), the review folder unwritable (500), any
+        other refusal (not a DEFECT, reviewed already, an append running, the bank moved on, an
+        unusable setting) a conflict the person can act on (409)."""
+        if isinstance(exc, StoreUnavailableError):
+            return unavailable(exc)
+        if isinstance(exc, OSError):
+            return refuse(500, "review_folder", f"cannot use the review folder {reviews.folder}: {exc}")
+        return refuse(409, "review", str(exc))
+
     @app.post("/v1/inspections/{key}/review", dependencies=[Depends(authorized)])
     def review(key: str, decision: Review) -> JSONResponse:
         """A person found the part of a DEFECT inspection good: queue its image for the bank."""
         inspection, record = _kept(key)
         try:
             queued = reviews.add_good(record, inspection.image)
-        except (ReviewError, StoreError) as exc:  # not a DEFECT, reviewed already; an invalid name
-            raise refuse(409, "review", str(exc)) from None
-        return JSONResponse({**queued.to_dict(), "queued": len(reviews.queued(record["category"]))})
+            waiting = len(reviews.queued(record["category"]))
+        except (PatchcoreMilvusError, OSError) as exc:
+            raise review_refused(exc) from None
+        return JSONResponse({**queued.to_dict(), "queued": waiting})
 
     @app.get("/v1/review/{category}", dependencies=[Depends(authorized)])
-    def review_queue(category: str) -> JSONResponse:
-        """The decisions waiting for an append, and those appended (newest first)."""
+    def review_queue(category: str, added: int = 50) -> JSONResponse:
+        """The decisions waiting for an append, and the newest `added` appended ones."""
         try:
-            queued, added = reviews.queued(category), reviews.added(category)
-        except (ReviewError, StoreError) as exc:
-            raise refuse(400, "bad_input", str(exc)) from None
-        return JSONResponse({"queued": [d.to_dict() for d in queued], "added": [d.to_dict() for d in reversed(added)]})
+            queued, done = reviews.queued(category), reviews.added(category)
+        except (PatchcoreMilvusError, OSError) as exc:
+            raise review_refused(exc) from None
+        newest = list(reversed(done))[: max(0, added)]
+        return JSONResponse(
+            {"queued": [d.to_dict() for d in queued], "added": [d.to_dict() for d in newest], "added_total": len(done)}
+        )
 
     @app.post("/v1/review/{category}/append", dependencies=[Depends(authorized)])
     def review_append(category: str) -> JSONResponse:
-        """Grow the bank with the queued images (`ingest --append --from-review`, in this process:
-        a Milvus Lite file serves this process only); the stations follow the new version."""
+        """Grow the bank with the queued images (`ingest --from-review`, in this process: a Milvus
+        Lite file serves this process only), with the bank's own settings; the stations follow the
+        new version."""
         from patchcore_milvus.review import append_reviewed
 
-        if not appending.acquire(blocking=False):
-            raise refuse(409, "review", "an append of reviewed images is running already; retry when it is done")
         try:
             added, summary = append_reviewed(category, inspector.config, inspector.store, reviews)
-        except (ReviewError, BankNotFoundError, BankMismatchError, ImageError) as exc:
-            raise refuse(409, "review", str(exc)) from None
-        except StoreError as exc:
-            raise unavailable(exc) from None
-        finally:
-            appending.release()
+        except (PatchcoreMilvusError, OSError) as exc:
+            raise review_refused(exc) from None
         published = summary.search is not None
         return JSONResponse(
             {"added": len(added), "version": summary.collection, "published": published, "summary": summary.lines()}
@@ -613,6 +644,21 @@ def _inspection_json(key: str, category: str, result: Inspection) -> dict[str, A
     }
 
 
+def station_names(extra: tuple[str, ...] = ()) -> frozenset[str]:
+    """The names a request may reach this station by: localhost, the machine's own, and `extra`."""
+    return frozenset(name.lower() for name in ("localhost", socket.gethostname(), socket.getfqdn(), *extra))
+
+
+def host_allowed(host: str, names: frozenset[str]) -> bool:
+    """Whether a Host header (`name[:port]`, `[v6]:port`) is an IP address or one of `names`."""
+    name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name.lower() in names
+
+
 def serve(
     config: Config,
     host: str,
@@ -621,6 +667,7 @@ def serve(
     categories: tuple[str, ...] = (),
     queue_size: int = QUEUE_SIZE,
     announce: Callable[[str], None] = print,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     """Open the banks named (others on first use), then answer until interrupted (Ctrl-C or
     SIGTERM: the requests in flight are answered first)."""
@@ -634,6 +681,8 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {shown_uri(config.uri)} on http://{shown}:{port} (Ctrl-C stops)")
     try:
-        uvicorn.run(create_app(inspector, token), host=host, port=port, log_level="warning")
+        uvicorn.run(
+            create_app(inspector, token, allowed_hosts=allowed_hosts), host=host, port=port, log_level="warning"
+        )
     finally:
         inspector.stop()

@@ -12,9 +12,9 @@ from PIL import Image
 
 from patchcore_milvus import Bank, BankStore, Config, fit_bank
 from patchcore_milvus.cli import main
-from patchcore_milvus.errors import ReviewError
+from patchcore_milvus.errors import ReviewError, StoreError
 from patchcore_milvus.images import list_images
-from patchcore_milvus.review import ADDED, LOG, QUEUED, RECORD, ReviewQueue, append_reviewed
+from patchcore_milvus.review import ADDED, DAMAGED, IMAGES, LOG, QUEUED, ReviewQueue, append_reviewed
 
 
 def variant(seed: int) -> Image.Image:
@@ -36,28 +36,28 @@ def inspect(bank: Bank, image: Image.Image, key: str) -> dict:
 def test_a_part_found_good_on_review_grows_the_bank_and_is_no_longer_called_defective(banked: Config):
     bank = Bank.open("texture", banked)
     record = inspect(bank, variant(200), "a1")
-    assert record["verdict"] == "DEFECT"  # the new variant, before review
+    assert record["verdict"] == "DEFECT"  # the new variant, before review (31.3 against 9.7)
     queue = ReviewQueue(banked.review_folder)
     queue.add_good(record, variant(200))
-    queue.add_good(inspect(bank, variant(201), "a2"), variant(201))
+    for i in range(2, 5):
+        queue.add_good(inspect(bank, variant(199 + i), f"a{i}"), variant(199 + i))
     before = bank.version
 
     again = ReviewQueue(banked.review_folder)  # a restart: the queue is on disk
-    assert [d.id for d in again.queued("texture")] == ["a1", "a2"]
+    ids = ["a1", "a2", "a3", "a4"]
+    assert [d.id for d in again.queued("texture")] == ids
     added, summary = append_reviewed("texture", banked, queue=again)
-    assert [d.id for d in added] == ["a1", "a2"] and summary.search is not None
+    assert [d.id for d in added] == ids and summary.search is not None
     new_version = BankStore(banked.uri).resolve("texture")
     assert summary.collection == new_version != before
     assert again.queued("texture") == []
-    assert [(d.id, d.added_to, d.published) for d in again.added("texture")] == [
-        ("a1", new_version, True),
-        ("a2", new_version, True),
-    ]
-    # Another part of the variant, not reviewed: the station follows the alias and calls it good.
-    later = inspect(bank, variant(202), "a3")
+    assert [(d.id, d.added_to, d.published) for d in again.added("texture")] == [(i, new_version, True) for i in ids]
+    # Another part of the variant, not reviewed: the station follows the alias and calls it good
+    # (5.7 against the unchanged threshold 9.7).
+    later = inspect(bank, variant(220), "a5")
     assert later["bank_version"] == new_version and later["verdict"] == "OK"
     events = [json.loads(line)["event"] for line in (Path(banked.review_folder) / "texture" / LOG).open()]
-    assert events == ["good", "good", "appended"]
+    assert events == ["good"] * 4 + ["appended"]
 
 
 def test_only_a_defect_can_be_reviewed_and_only_once(banked: Config):
@@ -79,20 +79,87 @@ def test_only_a_defect_can_be_reviewed_and_only_once(banked: Config):
 def test_an_append_stopped_before_its_moves_is_finished_by_the_next_read(banked: Config):
     queue = ReviewQueue(banked.review_folder)
     queue.add_good(inspect(Bank.open("texture", banked), variant(200), "c1"), variant(200))
-    record = Path(banked.review_folder) / "texture" / QUEUED / "c1" / RECORD
-    # The version recorded, then a crash before the folder moved to added/.
+    folder = Path(banked.review_folder) / "texture"
+    record = folder / QUEUED / "c1.json"
+    # The version recorded, then a crash before the record moved to added/.
     record.write_text(json.dumps({**json.loads(record.read_text()), "added_to": "texture__v1", "published": True}))
     assert queue.queued("texture") == []
     assert [d.added_to for d in queue.added("texture")] == ["texture__v1"]
-    assert (Path(banked.review_folder) / "texture" / ADDED / "c1" / "image.png").is_file()
+    assert (folder / ADDED / "c1.json").is_file() and (folder / IMAGES / "c1.png").is_file()
 
 
-def test_a_damaged_review_record_is_a_message(banked: Config):
-    place = Path(banked.review_folder) / "texture" / QUEUED / "d1"
-    place.mkdir(parents=True)
-    (place / RECORD).write_text("{not json")
-    with pytest.raises(ReviewError, match=r"cannot read the review record .* move its folder away"):
-        ReviewQueue(banked.review_folder).queued("texture")
+def test_a_damaged_review_record_is_set_aside_and_the_queue_goes_on(banked: Config):
+    queue = ReviewQueue(banked.review_folder)
+    queue.add_good(inspect(Bank.open("texture", banked), variant(200), "d2"), variant(200))
+    folder = Path(banked.review_folder) / "texture"
+    (folder / QUEUED / "d1.json").write_text("{not json")
+    assert [d.id for d in queue.queued("texture")] == ["d2"]
+    assert (folder / DAMAGED / "d1.json").read_text() == "{not json"
+    [entry] = [json.loads(line) for line in (folder / LOG).open() if '"set aside"' in line]
+    assert entry["id"] == "d1" and "unreadable record" in entry["reason"]
+
+
+def test_an_image_the_append_cannot_use_is_set_aside_not_marked_added(banked: Config):
+    bank = Bank.open("texture", banked)
+    queue = ReviewQueue(banked.review_folder)
+    queue.add_good(inspect(bank, variant(200), "u1"), variant(200))
+    queue.add_good(inspect(bank, variant(201), "u2"), variant(201))
+    folder = Path(banked.review_folder) / "texture"
+    (folder / IMAGES / "u1.png").write_bytes(b"not a png")
+    added, summary = append_reviewed("texture", banked, queue=queue)
+    assert [d.id for d in added] == ["u2"] and summary.search is not None
+    assert [d.id for d in queue.added("texture")] == ["u2"] and queue.queued("texture") == []
+    assert (folder / DAMAGED / "u1.json").is_file()
+    # The bank records where the images are, and they stay there.
+    description = BankStore(banked.uri).read_description(summary.collection)
+    assert description.training_images[-1].root == str(folder / IMAGES)
+    assert description.training_images[-1].bank == ["u2.png"]
+
+
+def test_a_review_append_grows_the_bank_with_the_banks_own_settings(banked: Config):
+    """The page's append runs with serve's options: a station's fixed search width, another
+    margin or index must not decide how the shared bank grows."""
+    bank = Bank.open("texture", banked)
+    built = BankStore(banked.uri).read_description(bank.version)
+    queue = ReviewQueue(banked.review_folder)
+    queue.add_good(inspect(bank, variant(200), "s1"), variant(200))
+    station = banked.replace(index_type="IVF_FLAT", search_params={"nprobe": 1}, threshold_sigma=0.5, seed=7)
+    _, summary = append_reviewed("texture", station, queue=queue)
+    grown = BankStore(banked.uri).read_description(summary.collection)
+    assert grown.index.type == built.index.type == "HNSW"
+    assert grown.thresholds.sigma == built.thresholds.sigma == banked.threshold_sigma
+
+
+def test_two_appends_of_one_queue_do_not_both_run(banked: Config):
+    queue = ReviewQueue(banked.review_folder)
+    queue.add_good(inspect(Bank.open("texture", banked), variant(200), "r1"), variant(200))
+    running = queue._locked("texture", ".append.lock", wait=False)  # another process's append
+    with running, pytest.raises(ReviewError, match="running already"):
+        append_reviewed("texture", banked, queue=ReviewQueue(banked.review_folder))
+    assert [d.id for d in queue.queued("texture")] == ["r1"]
+
+
+def test_an_append_whose_bank_moved_on_meanwhile_publishes_nothing(
+    banked: Config, good_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from patchcore_milvus import ingest
+
+    grown = ingest._Grown.read
+    ingested: list[str] = []
+
+    def read_then_another_ingest(store, category):
+        found = grown(store, category)
+        ingested.append(fit_bank("texture", list_images(good_folder), banked, store=store).collection)
+        return found
+
+    queue = ReviewQueue(banked.review_folder)
+    queue.add_good(inspect(Bank.open("texture", banked), variant(200), "m1"), variant(200))
+    store = BankStore(banked.uri)
+    monkeypatch.setattr(ingest._Grown, "read", read_then_another_ingest)
+    with pytest.raises(StoreError, match="while this append ran; nothing was published"):
+        append_reviewed("texture", banked, store=store, queue=queue)
+    assert store.resolve("texture") == ingested[0]
+    assert [d.id for d in queue.queued("texture")] == ["m1"]  # still queued, for the next append
 
 
 def test_ingest_from_review_on_the_command_line(banked: Config, tmp_path: Path):
@@ -107,3 +174,19 @@ def test_ingest_from_review_on_the_command_line(banked: Config, tmp_path: Path):
     assert again.exit_code == 2 and "no reviewed images are queued for 'texture'" in again.output
     both = CliRunner().invoke(main, ["ingest", "--from-review", "texture", "--images", str(tmp_path), *settings])
     assert both.exit_code == 2 and "leave out DATA_ROOT and --images" in both.output
+
+
+def test_reviewed_parts_go_into_the_bank_and_do_not_raise_the_thresholds(banked: Config):
+    """A reviewed part held out for the thresholds would set them at its DEFECT score for good
+    (and the bank, without its patches, keeps scoring the variant high): every reviewed part goes
+    into the bank, so the thresholds can only fall as the bank grows."""
+    bank = Bank.open("texture", banked)
+    before = BankStore(banked.uri).read_description(bank.version).thresholds
+    queue = ReviewQueue(banked.review_folder)
+    for i in range(4):  # at holdout_ratio 0.25, one of the four would be held out
+        queue.add_good(inspect(bank, variant(210 + i), f"t{i}"), variant(210 + i))
+    _, summary = append_reviewed("texture", banked, queue=queue)
+    after = BankStore(banked.uri).read_description(summary.collection).thresholds
+    assert summary.holdout_images == 0  # 9.70 -> 26.98 when one of them was held out
+    assert after.image <= before.image * (1 + 1e-6) and after.pixel <= before.pixel * (1 + 1e-6)
+    assert [e.image for e in after.holdout] == [e.image for e in before.holdout]

@@ -25,6 +25,7 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+LOCAL = "http://127.0.0.1"  # TestClient's own "testserver" is no name of this station
 GOOD, BAD = png(textured_image(100)), png(textured_image(101, defect=True))
 
 
@@ -42,7 +43,7 @@ def inspector_of(config: Config, queue_size: int = 64) -> Inspector:
 def client(banked: Config):
     inspector = inspector_of(banked)
     inspector.start()
-    with TestClient(create_app(inspector)) as client:
+    with TestClient(base_url=LOCAL, app=create_app(inspector)) as client:
         yield client
     inspector.stop()
 
@@ -92,7 +93,7 @@ def test_a_multipart_upload_and_bad_requests_get_the_reason(client: TestClient, 
     assert form.status_code == 400 and "holds no file" in form.json()["detail"]
     assert client.post("/v1/inspect?category=texture", content=GOOD).json()["verdict"] == "OK"  # after the errors
     small = inspector_of(banked)
-    with TestClient(create_app(small, max_upload_bytes=1000)) as limited:
+    with TestClient(base_url=LOCAL, app=create_app(small, max_upload_bytes=1000)) as limited:
         answer = limited.post("/v1/inspect?category=texture", content=GOOD)
         assert answer.status_code == 413 and "at most 1000" in answer.json()["detail"]
 
@@ -116,7 +117,7 @@ def test_a_multipart_upload_and_bad_requests_get_the_reason(client: TestClient, 
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         assert sent.status_code == 413
-    with TestClient(create_app(small, max_pixels=96 * 95)) as limited:
+    with TestClient(base_url=LOCAL, app=create_app(small, max_pixels=96 * 95)) as limited:
         answer = limited.post("/v1/inspect?category=texture", content=GOOD)
         assert answer.status_code == 400 and "more than this service takes" in answer.json()["detail"]
 
@@ -124,7 +125,7 @@ def test_a_multipart_upload_and_bad_requests_get_the_reason(client: TestClient, 
 def test_a_full_queue_is_answered_503_at_once(banked: Config):
     inspector = inspector_of(banked, queue_size=1)  # its worker not started yet: the queue stays full
     waiting = inspector.submit("texture", textured_image(100), "waiting")
-    with TestClient(create_app(inspector)) as client:
+    with TestClient(base_url=LOCAL, app=create_app(inspector)) as client:
         started = time.monotonic()
         answer = client.post("/v1/inspect?category=texture", content=GOOD)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
@@ -202,6 +203,42 @@ def test_a_defect_found_good_on_review_is_queued_and_appended_to_the_bank(client
     assert nothing.status_code == 409 and "no reviewed images are queued" in nothing.json()["detail"]
 
 
+def test_a_review_folder_that_cannot_be_written_is_a_500_that_says_so(banked: Config, tmp_path: Path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the review folder should be")
+    inspector = inspector_of(banked.replace(review_folder=str(blocked)))
+    inspector.start()
+    try:
+        with TestClient(base_url=LOCAL, app=create_app(inspector)) as client:
+            bad = client.post("/v1/inspect?category=texture", content=BAD).json()
+            answer = client.post(f"/v1/inspections/{bad['id']}/review", json={"decision": "good"})
+            assert answer.status_code == 500
+            assert answer.json()["detail"].startswith(f"cannot use the review folder {blocked}")
+            assert client.get("/v1/review/texture").status_code == 500
+    finally:
+        inspector.stop()
+
+
+def test_a_page_elsewhere_cannot_drive_the_station_through_a_browser(client: TestClient):
+    """DNS rebinding (a name of the attacker's that now resolves to 127.0.0.1) and cross-site
+    POSTs (another site's page posting to 127.0.0.1) are refused; tools and the page itself pass."""
+    rebound = client.get("/v1/inspections", headers={"host": "attacker.example:8000"})
+    assert rebound.status_code == 400 and "--allowed-host NAME" in rebound.json()["detail"]
+    assert client.get("/v1/inspections", headers={"host": "localhost:8000"}).status_code == 200
+    assert client.get("/v1/inspections", headers={"host": "[::1]:8000"}).status_code == 200
+    elsewhere = client.post("/v1/review/texture/append", headers={"origin": "http://attacker.example"})
+    assert elsewhere.status_code == 403 and "open this station's own page" in elsewhere.json()["detail"]
+    own = client.post("/v1/review/texture/append", headers={"origin": LOCAL})
+    assert own.status_code == 409  # through the guard: nothing is queued
+
+
+def test_an_allowed_host_is_accepted(banked: Config):
+    inspector = inspector_of(banked)
+    with TestClient(create_app(inspector, allowed_hosts=("Station-7.factory",))) as client:
+        assert client.get("/v1/inspections", headers={"host": "station-7.factory:8000"}).status_code == 200
+        assert client.get("/v1/inspections").status_code == 400  # "testserver"
+
+
 def test_the_page_and_its_files_are_served_with_a_policy_of_their_own(client: TestClient):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -225,7 +262,7 @@ def test_a_token_is_required_beyond_loopback_and_checked(banked: Config):
         check_token_rule(host, None)
     inspector = inspector_of(banked)
     inspector.start()
-    with TestClient(create_app(inspector, token="s3cret")) as client:
+    with TestClient(base_url=LOCAL, app=create_app(inspector, token="s3cret")) as client:
         assert client.post("/v1/inspect?category=texture", content=GOOD).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
         assert client.post("/v1/inspect?category=texture", content=GOOD, headers=wrong).status_code == 401

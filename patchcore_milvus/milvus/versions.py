@@ -202,10 +202,20 @@ class BankStore:
         if problems:
             raise StoreError(f"new bank version {collection} failed verification: {'; '.join(problems)}")
 
-    def publish(self, category: str, collection: str, keep: int) -> list[str]:
+    def publish(self, category: str, collection: str, keep: int, replaces: str | None = None) -> list[str]:
         """Point the category at `collection`; then drop older versions beyond the newest `keep`
-        complete ones, and older incomplete ones (leftovers of interrupted ingests)."""
-        if self.current_version(category) is None:
+        complete ones, and older incomplete ones (leftovers of interrupted ingests). `replaces`:
+        the version an append grew, refused where the category has moved on from it since (another
+        append or ingest published meanwhile, and this one would drop what that one added). Milvus
+        has no compare-and-swap of an alias, so two publishes within one call of each other can
+        still both pass; the review queue's lock keeps its appends apart."""
+        current = self.current_version(category)
+        if replaces is not None and current != replaces:
+            raise StoreError(
+                f"{category} moved from {replaces} to {current} while this append ran; nothing was published, "
+                "run the append again (it grows the new version)"
+            )
+        if current is None:
             self.connection.call("create_alias", lambda c, t: c.create_alias(collection, category, timeout=t))
         else:
             self._point(category, collection)
