@@ -359,6 +359,51 @@ def query(inputs: tuple[Path, ...], category: str, out_dir: Path | None, as_json
 
 
 @main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--category", required=True, help="Which bank to score against.")
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The JSON-lines file of results, one line an image; also what was scored (default: FOLDER/results.jsonl).",
+)
+@click.option("--sort", is_flag=True, help="Move each scored file to FOLDER/ok, defect or rejected (reason beside).")
+@click.option(
+    "--settle",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds a file's size and time must hold still before it is taken as complete.",
+)
+@click.option("--interval", default=0.5, show_default=True, type=click.FloatRange(0.01), help="Seconds between looks.")
+@click.option("--once", is_flag=True, help="Score what the folder holds, then stop.")
+@config_options(*SCORING, "search")
+def watch(
+    folder: Path,
+    category: str,
+    results: Path | None,
+    sort: bool,
+    settle: float,
+    interval: float,
+    once: bool,
+    config: Config,
+) -> None:
+    """Score each image written into FOLDER once, as it arrives: a hot folder for a camera or a line."""
+    from patchcore_milvus.bank import Bank
+    from patchcore_milvus.watch import RESULTS, WatchSettings
+    from patchcore_milvus.watch import watch as watch_folder
+
+    settings = WatchSettings(folder, results or folder / RESULTS, sort, settle, interval, once)
+    bank = Bank.open(category, config)
+    click.echo(f"watching {_printable(folder)} for {category} (results: {_printable(settings.results)}; Ctrl-C stops)")
+    try:
+        scored = watch_folder(bank, settings, click.echo)
+    except KeyboardInterrupt:
+        click.echo("stopped")
+        return
+    click.echo(f"{scored} images scored")
+
+
+@main.command()
 @click.argument("data_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--category", "categories", multiple=True, help="Category to evaluate (repeatable).")
 @click.option("--all", "all_categories", is_flag=True, help="Every category folder in DATA_ROOT that has a bank.")
