@@ -130,7 +130,8 @@ class Bank:
         self.features = features
         self.config = config
         self.search: SearchFunction = search or store.search  # every patch, at the bank's width
-        self._searches_index = search is None  # Milvus' index: its distances may be quantised
+        # Milvus' index, whose distances may be quantised (a bound method compares equal to itself).
+        self._searches_index = search is None or search == store.search
         if mirror is None and precise is None:
             mirror = VersionVectors(store)
         self.mirror = mirror  # also where the eq. 7 candidates' vectors are read, if there is one

@@ -80,19 +80,19 @@ def save_together(files: list[tuple[Path, Callable[[str], object]]], durable: bo
             write(temporary)
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from everyone else
             if durable:
-                _sync(temporary)
+                sync(temporary)
         for (target, _), temporary in zip(files, temporaries):
             os.replace(temporary, target)
         if durable:
             for folder in {target.parent for target, _ in files}:
-                _sync(folder)
+                sync(folder)
     except BaseException:
         for temporary in temporaries:
             Path(temporary).unlink(missing_ok=True)
         raise
 
 
-def _sync(path: str | Path) -> None:
+def sync(path: str | Path) -> None:
     """A file's (or a folder's: its names) contents on the disk."""
     handle = os.open(path, os.O_RDONLY)
     try:

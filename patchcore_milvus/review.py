@@ -16,6 +16,7 @@ restart and an ingest host sharing the folder can run the append.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -29,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from patchcore_milvus.config import Config
-from patchcore_milvus.errors import ReviewError
-from patchcore_milvus.files import save_together
+from patchcore_milvus.errors import ImageError, ReviewError
+from patchcore_milvus.files import save_together, sync
+from patchcore_milvus.images import load_rgb
 from patchcore_milvus.milvus import BankStore, validate_category
 
 if TYPE_CHECKING:
@@ -73,21 +75,22 @@ class ReviewQueue:
 
     @contextmanager
     def _locked(self, category: str, name: str = ".queue.lock", wait: bool = True) -> Iterator[Path]:
-        """The category's folder, held exclusively against every other process and thread that
-        takes the same lock (flock: one per open file, so threads exclude each other too)."""
+        """The category's folder (made where missing), held exclusively against every other
+        process and thread that takes the same lock (flock: one per open file, so threads exclude
+        each other too). Opened read-only: another user sharing the folder can take it too."""
         folder = self._category(category)
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / name).open("a") as handle:
+        _make_folder(folder)
+        handle = os.open(folder / name, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 raise ReviewError(
                     f"an append of {category}'s reviewed images is running already; retry when it is done"
                 ) from None
-            try:
-                yield folder
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+            yield folder
+        finally:
+            os.close(handle)  # releases the lock
 
     def add_good(self, record: dict[str, Any], image: Image.Image) -> Decision:
         """Queue a DEFECT inspection whose part was found good (`record`: the station's answer,
@@ -103,8 +106,9 @@ class ReviewQueue:
         with self._locked(category) as folder:
             if any((folder / state / f"{key}.json").exists() for state in (QUEUED, ADDED, DAMAGED)):
                 raise ReviewError(f"inspection {key} was reviewed already")
+            self._migrate(folder)
             for state in (IMAGES, QUEUED):
-                (folder / state).mkdir(exist_ok=True)
+                _make_folder(folder / state)
             # The image first: a record is only ever written beside its image.
             save_together([(folder / IMAGES / f"{key}.png", lambda p: image.save(p, format="PNG"))], durable=True)
             _write(folder / QUEUED / f"{key}.json", decision)
@@ -113,14 +117,25 @@ class ReviewQueue:
 
     def queued(self, category: str) -> list[Decision]:
         """The decisions waiting for an append, oldest first."""
-        with self._locked(category) as folder:
-            self._finish_moves(folder)
-            return self._read(folder, QUEUED)
+        return self._state(category, QUEUED)
 
     def added(self, category: str) -> list[Decision]:
+        return self._state(category, ADDED)
+
+    def set_aside(self, category: str) -> list[str]:
+        """The ids of the decisions moved to `damaged/`."""
+        folder = self._category(category) / DAMAGED
+        return sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+
+    def _state(self, category: str, state: str) -> list[Decision]:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "the review folder is a file", str(self.folder))
+        if not self._category(category).is_dir():  # nothing reviewed yet: a read makes no folder
+            return []
         with self._locked(category) as folder:
+            self._migrate(folder)
             self._finish_moves(folder)
-            return self._read(folder, ADDED)
+            return self._read(folder, state)
 
     def image(self, decision: Decision) -> Path:
         return self._category(decision.category) / IMAGES / f"{decision.id}.png"
@@ -140,14 +155,16 @@ class ReviewQueue:
                 _write(folder / QUEUED / f"{decision.id}.json", done)
             self._finish_moves(folder)
             ids = [d.id for d in decisions if d.id not in unusable]
-            self._log(folder, {"event": "appended", "ids": ids, "version": version, "published": published, "at": at})
+            if ids:
+                entry = {"event": "appended", "ids": ids, "version": version, "published": published, "at": at}
+                self._log(folder, entry)
 
     def _finish_moves(self, folder: Path) -> None:
         """Move every queued decision that records its version to `added/` (one rename each; a
         crash before it is finished here next time). The lock is held."""
         for decision in self._read(folder, QUEUED):
             if decision.added_to is not None:
-                (folder / ADDED).mkdir(exist_ok=True)
+                _make_folder(folder / ADDED)
                 os.replace(folder / QUEUED / f"{decision.id}.json", folder / ADDED / f"{decision.id}.json")
 
     def _read(self, folder: Path, state: str) -> list[Decision]:
@@ -161,8 +178,20 @@ class ReviewQueue:
                 self._set_aside(folder, record, f"unreadable record ({exc})")
         return sorted(found, key=lambda d: (d.decided_at, d.id))
 
+    def _migrate(self, folder: Path) -> None:
+        """Decisions in the first layout (`queued/<id>/decision.json` and `image.png` beside it)
+        moved into this one. The lock is held."""
+        for state in (QUEUED, ADDED):
+            for record in (folder / state).glob("*/decision.json"):
+                key, image = record.parent.name, record.parent / "image.png"
+                if image.is_file():
+                    _make_folder(folder / IMAGES)
+                    os.replace(image, folder / IMAGES / f"{key}.png")
+                os.replace(record, folder / state / f"{key}.json")
+                record.parent.rmdir()
+
     def _set_aside(self, folder: Path, record: Path, reason: str) -> None:
-        (folder / DAMAGED).mkdir(exist_ok=True)
+        _make_folder(folder / DAMAGED)
         os.replace(record, folder / DAMAGED / record.name)
         self._log(folder, {"event": "set aside", "id": record.stem, "reason": reason, "at": _now()})
 
@@ -173,19 +202,29 @@ class ReviewQueue:
             os.fsync(out.fileno())
 
 
+def _make_folder(folder: Path) -> None:
+    """A folder whose name is on the disk before a durable file is written into it."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        sync(folder.parent)
+
+
 def _write(record: Path, decision: Decision) -> None:
     save_together([(record, lambda p: Path(p).write_text(json.dumps(decision.to_dict())))], durable=True)
 
 
 def review_settings(config: Config, description: BankDescription) -> Config:
-    """The settings an append of reviewed parts runs with: the bank's own (its index, its seed,
-    its threshold margin and coreset share; the search widths chosen afresh), whatever process runs
-    it, and no part held out. A reviewed part was called DEFECT: held out, its score would set the
-    thresholds for good, and the bank, without its patches, would keep scoring the variant high."""
+    """The settings an append of reviewed parts runs with: the bank's own (its index and its
+    parameters but the graph's links, which ingest chooses again and makes denser where the graph
+    misses vectors; its seed, threshold margin and coreset share; the search widths chosen
+    afresh), whatever process runs it; no part held out, and unusable images skipped. A reviewed
+    part was called DEFECT: held out, its score would set the thresholds for good, and the bank,
+    without its patches, would keep scoring the variant high."""
     thresholds = description.thresholds
     return config.replace(
         index_type=description.index.type,
-        index_params=dict(description.index.params),
+        index_params={key: value for key, value in description.index.params.items() if key != "M"},
+        strict=False,
         search_params={},
         seed=description.coreset.projection_seed,
         coreset_ratio=description.coreset.ratio,
@@ -200,8 +239,9 @@ def append_reviewed(
 ) -> tuple[list[Decision], IngestSummary]:
     """Grow `category`'s bank with the images queued for review (`review_settings`): (the
     decisions added, the append's summary). Refused where nothing is queued, or another append of
-    the category runs. A crash between the publish and the moves leaves the decisions queued; the
-    next append finds their patches in the bank already and publishes nothing."""
+    the category runs. Images that cannot be read are set aside first. A decision whose image the
+    bank lists already (an append stopped between its publish and its records) is recorded as
+    added to the bank's version, not appended again."""
     from patchcore_milvus.ingest import append_to_bank
 
     queue = queue or ReviewQueue(config.review_folder)
@@ -210,12 +250,36 @@ def append_reviewed(
         waiting = queue.queued(category)
         if not waiting:
             raise ReviewError(f"no reviewed images are queued for {category!r} in {folder / QUEUED}")
-        settings = review_settings(config, store.read_description(store.resolve(category)))
-        images = [queue.image(decision) for decision in waiting]
-        summary = append_to_bank(category, images, settings, store=store, root=folder / IMAGES)
-        by_path = {f"{path}: ": decision.id for path, decision in zip(images, waiting)}
+        version = store.resolve(category)
+        description = store.read_description(version)
+        # An append stopped between its publish and its records: the bank lists those images.
+        taken = {
+            name for part in description.training_images if part.root == str(folder / IMAGES) for name in part.bank
+        }
+        done = [decision for decision in waiting if f"{decision.id}.png" in taken]
+        if done:
+            queue.mark_added(category, done, version, True, {})
+        unusable = {}
+        for decision in waiting:
+            if decision not in done:
+                try:
+                    load_rgb(queue.image(decision))
+                except ImageError as exc:
+                    unusable[decision.id] = str(exc)
+        todo = [decision for decision in waiting if decision not in done]
+        if unusable:
+            queue.mark_added(category, [d for d in todo if d.id in unusable], version, False, unusable)
+        todo = [decision for decision in todo if decision.id not in unusable]
+        if not todo:
+            raise ReviewError(
+                f"none of the images queued for {category!r} is left to append ({len(done)} were in "
+                f"{version} already, {len(unusable)} unusable were set aside in {folder / DAMAGED})"
+            )
+        images = [queue.image(decision) for decision in todo]
+        summary = append_to_bank(category, images, review_settings(config, description), store, folder / IMAGES)
+        by_path = {f"{path}: ": decision.id for path, decision in zip(images, todo)}
         unusable = {
             key: reason for reason in summary.skipped for prefix, key in by_path.items() if reason.startswith(prefix)
         }
-        queue.mark_added(category, waiting, summary.collection, summary.search is not None, unusable)
-    return [d for d in waiting if d.id not in unusable], summary
+        queue.mark_added(category, todo, summary.collection, summary.search is not None, unusable)
+    return [d for d in todo if d.id not in unusable], summary

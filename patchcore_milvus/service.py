@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -308,7 +309,7 @@ def create_app(
     `allowed_hosts`: names a request's Host may give besides IP addresses, localhost and this
     machine's own names (`same_station`)."""
     token = token or None
-    names = station_names(allowed_hosts)
+    names, extra = station_names(allowed_hosts), frozenset(name.lower() for name in allowed_hosts)
     recent = Recent(keep)
     metrics = inspector.metrics
     uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
@@ -326,18 +327,18 @@ def create_app(
     async def same_station(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         """A web page elsewhere must not drive the station through its user's browser: a Host that
         is none of this station's names is a DNS-rebinding page reaching 127.0.0.1 (400), and a
-        POST whose Origin is another site is a cross-site request (403). Tools send no Origin."""
-        host = request.headers.get("host", "")
-        if not host_allowed(host, names):
+        POST whose Origin is another site is a cross-site request (403). Tools send no Origin; a
+        request without a Host, or with the token (a page elsewhere has none), is no browser's."""
+        host = request.headers.get("host")
+        if host and not host_allowed(host, names) and not (token is not None and allowed(request)):
             metrics.refused.labels("host").inc()
             message = f"Host {host!r} is not a name of this station; start serve with --allowed-host NAME to accept it"
             return JSONResponse({"detail": message}, 400)
         origin = request.headers.get("origin")
-        if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != host:
+        if request.method not in ("GET", "HEAD") and origin is not None and not same_origin(origin, host, extra):
             metrics.refused.labels("cross_origin").inc()
-            return JSONResponse(
-                {"detail": f"a request from the page of {origin} is refused: open this station's own page"}, 403
-            )
+            message = f"a request from the page of {origin} is refused: open this station's own page"
+            return JSONResponse({"detail": message}, 403)
         return await call_next(request)
 
     def allowed(request: Request) -> bool:
@@ -483,14 +484,24 @@ def create_app(
         return Response(_png(Image.fromarray(found.astype(np.uint8) * 255)), media_type="image/png")
 
     def review_refused(exc: Exception) -> HTTPException:
-        """A review call's failure: Milvus away (503), the review folder unwritable (500), any
-        other refusal (not a DEFECT, reviewed already, an append running, the bank moved on, an
-        unusable setting) a conflict the person can act on (409)."""
+        """A review call's failure: Milvus away (503), the review folder unusable (500, saying
+        so), any other refusal of ours (not a DEFECT, reviewed already, an append running, the
+        bank moved on, an unusable setting) a conflict the person can act on (409); anything
+        else a 500 with its reason, as the inspections answer."""
         if isinstance(exc, StoreUnavailableError):
             return unavailable(exc)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and Path(exc.filename or "/").is_relative_to(reviews.folder):
             return refuse(500, "review_folder", f"cannot use the review folder {reviews.folder}: {exc}")
-        return refuse(409, "review", str(exc))
+        if isinstance(exc, PatchcoreMilvusError):
+            return refuse(409, "review", str(exc))
+        logger.exception("review call failed")
+        return refuse(500, "failed", f"{type(exc).__name__}: {exc}")
+
+    def review_category(category: str) -> str:
+        try:
+            return validate_category(category)
+        except StoreError as exc:
+            raise refuse(400, "bad_input", str(exc)) from None
 
     @app.post("/v1/inspections/{key}/review", dependencies=[Depends(authorized)])
     def review(key: str, decision: Review) -> JSONResponse:
@@ -499,20 +510,27 @@ def create_app(
         try:
             queued = reviews.add_good(record, inspection.image)
             waiting = len(reviews.queued(record["category"]))
-        except (PatchcoreMilvusError, OSError) as exc:
+        except Exception as exc:
             raise review_refused(exc) from None
         return JSONResponse({**queued.to_dict(), "queued": waiting})
 
     @app.get("/v1/review/{category}", dependencies=[Depends(authorized)])
-    def review_queue(category: str, added: int = 50) -> JSONResponse:
-        """The decisions waiting for an append, and the newest `added` appended ones."""
+    def review_queue(category: str, added: int = 200) -> JSONResponse:
+        """The decisions waiting for an append, the newest `added` appended ones, and the ids of
+        those set aside (an unreadable record or image)."""
+        category = review_category(category)
         try:
-            queued, done = reviews.queued(category), reviews.added(category)
-        except (PatchcoreMilvusError, OSError) as exc:
+            queued, done, aside = reviews.queued(category), reviews.added(category), reviews.set_aside(category)
+        except Exception as exc:
             raise review_refused(exc) from None
         newest = list(reversed(done))[: max(0, added)]
         return JSONResponse(
-            {"queued": [d.to_dict() for d in queued], "added": [d.to_dict() for d in newest], "added_total": len(done)}
+            {
+                "queued": [d.to_dict() for d in queued],
+                "added": [d.to_dict() for d in newest],
+                "added_total": len(done),
+                "set_aside": aside,
+            }
         )
 
     @app.post("/v1/review/{category}/append", dependencies=[Depends(authorized)])
@@ -522,13 +540,21 @@ def create_app(
         new version."""
         from patchcore_milvus.review import append_reviewed
 
+        category = review_category(category)
+        aside = set(reviews.set_aside(category))
         try:
             added, summary = append_reviewed(category, inspector.config, inspector.store, reviews)
-        except (PatchcoreMilvusError, OSError) as exc:
+        except Exception as exc:
             raise review_refused(exc) from None
         published = summary.search is not None
         return JSONResponse(
-            {"added": len(added), "version": summary.collection, "published": published, "summary": summary.lines()}
+            {
+                "added": len(added),
+                "set_aside": sorted(set(reviews.set_aside(category)) - aside),
+                "version": summary.collection,
+                "published": published,
+                "summary": summary.lines(),
+            }
         )
 
     @app.get("/v1/categories", dependencies=[Depends(authorized)])
@@ -649,14 +675,36 @@ def station_names(extra: tuple[str, ...] = ()) -> frozenset[str]:
     return frozenset(name.lower() for name in ("localhost", socket.gethostname(), socket.getfqdn(), *extra))
 
 
+def _host_name(host: str) -> str | None:
+    """The name in a Host header (`name[:port]`, `[v6]:port`), lower case and without a final
+    dot; None where the header is malformed."""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+    else:
+        name, _, port = host.partition(":")
+        rest = f":{port}" if port else ""
+    if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        return None
+    return name.lower().removesuffix(".")
+
+
 def host_allowed(host: str, names: frozenset[str]) -> bool:
-    """Whether a Host header (`name[:port]`, `[v6]:port`) is an IP address or one of `names`."""
-    name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    """Whether a Host header is an IP address or one of `names`."""
+    name = _host_name(host)
+    if name is None:
+        return False
     try:
         ipaddress.ip_address(name)
         return True
     except ValueError:
-        return name.lower() in names
+        return name in names
+
+
+def same_origin(origin: str, host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a request's Origin is this station's page: the Host it was sent to, or a name
+    given with --allowed-host (a reverse proxy may rewrite the Host). "null" is no page's."""
+    parts = urlsplit(origin)
+    return bool(parts.netloc) and (parts.netloc == host or (parts.hostname or "") in allowed)
 
 
 def serve(

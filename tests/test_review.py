@@ -123,7 +123,7 @@ def test_a_review_append_grows_the_bank_with_the_banks_own_settings(banked: Conf
     built = BankStore(banked.uri).read_description(bank.version)
     queue = ReviewQueue(banked.review_folder)
     queue.add_good(inspect(bank, variant(200), "s1"), variant(200))
-    station = banked.replace(index_type="IVF_FLAT", search_params={"nprobe": 1}, threshold_sigma=0.5, seed=7)
+    station = banked.replace(index_type="IVF_FLAT", search_params={"nprobe": 1}, threshold_sigma=0.5, strict=True)
     _, summary = append_reviewed("texture", station, queue=queue)
     grown = BankStore(banked.uri).read_description(summary.collection)
     assert grown.index.type == built.index.type == "HNSW"
@@ -190,3 +190,57 @@ def test_reviewed_parts_go_into_the_bank_and_do_not_raise_the_thresholds(banked:
     assert summary.holdout_images == 0  # 9.70 -> 26.98 when one of them was held out
     assert after.image <= before.image * (1 + 1e-6) and after.pixel <= before.pixel * (1 + 1e-6)
     assert [e.image for e in after.holdout] == [e.image for e in before.holdout]
+
+
+def test_an_append_stopped_between_its_publish_and_its_records_is_not_appended_again(
+    banked: Config, monkeypatch: pytest.MonkeyPatch
+):
+    bank = Bank.open("texture", banked)
+    queue = ReviewQueue(banked.review_folder)
+    for i in range(4):  # capped by the coreset share: a second append would find more to add
+        queue.add_good(inspect(bank, variant(230 + i), f"p{i}"), variant(230 + i))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ReviewQueue, "mark_added", killed)
+    with pytest.raises(KeyboardInterrupt):
+        append_reviewed("texture", banked, queue=queue)
+    monkeypatch.undo()
+    published = BankStore(banked.uri).resolve("texture")
+    assert published != bank.version and len(queue.queued("texture")) == 4
+    with pytest.raises(ReviewError, match=rf"4 were in {published} already"):
+        append_reviewed("texture", banked, queue=queue)
+    assert BankStore(banked.uri).resolve("texture") == published  # no second version
+    assert [(d.added_to, d.published) for d in queue.added("texture")] == [(published, True)] * 4
+
+
+def test_when_every_queued_image_is_unusable_they_are_set_aside_and_the_queue_is_free(banked: Config):
+    bank = Bank.open("texture", banked)
+    queue = ReviewQueue(banked.review_folder)
+    folder = Path(banked.review_folder) / "texture"
+    for i in range(2):
+        queue.add_good(inspect(bank, variant(240 + i), f"w{i}"), variant(240 + i))
+        (folder / IMAGES / f"w{i}.png").write_bytes(b"truncated")
+    with pytest.raises(ReviewError, match="2 unusable were set aside"):
+        append_reviewed("texture", banked.replace(strict=True), queue=queue)
+    assert queue.queued("texture") == [] and queue.set_aside("texture") == ["w0", "w1"]
+    assert BankStore(banked.uri).resolve("texture") == bank.version
+
+
+def test_decisions_in_the_first_layout_are_moved_into_this_one(banked: Config):
+    bank = Bank.open("texture", banked)
+    folder = Path(banked.review_folder) / "texture"
+    ReviewQueue(banked.review_folder).add_good(inspect(bank, variant(250), "o1"), variant(250))
+    old = folder / QUEUED / "o1"  # as ba7d471 wrote it: a folder with the record and the image
+    old.mkdir()
+    (folder / QUEUED / "o1.json").rename(old / "decision.json")
+    (folder / IMAGES / "o1.png").rename(old / "image.png")
+    queue = ReviewQueue(banked.review_folder)
+    assert [d.id for d in queue.queued("texture")] == ["o1"]
+    assert (folder / IMAGES / "o1.png").is_file() and not old.exists()
+
+
+def test_reading_a_queue_that_does_not_exist_makes_no_folder(small_config: Config):
+    assert ReviewQueue(small_config.review_folder).queued("never_reviewed") == []
+    assert not Path(small_config.review_folder).exists()

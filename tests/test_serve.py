@@ -232,11 +232,36 @@ def test_a_page_elsewhere_cannot_drive_the_station_through_a_browser(client: Tes
     assert own.status_code == 409  # through the guard: nothing is queued
 
 
-def test_an_allowed_host_is_accepted(banked: Config):
+def test_a_request_without_a_host_or_with_the_token_passes(banked: Config, client: TestClient):
+    assert client.get("/v1/inspections", headers={"host": ""}).status_code == 200
+    null = client.post("/v1/review/texture/append", headers={"origin": "null"})  # a sandboxed page
+    assert null.status_code == 403
+    assert client.get("/v1/review/bad-name").status_code == 400
     inspector = inspector_of(banked)
-    with TestClient(create_app(inspector, allowed_hosts=("Station-7.factory",))) as client:
-        assert client.get("/v1/inspections", headers={"host": "station-7.factory:8000"}).status_code == 200
-        assert client.get("/v1/inspections").status_code == 400  # "testserver"
+    inspector.start()
+    try:
+        with TestClient(create_app(inspector, token="s3cret")) as guarded:
+            alias = {"host": "station-alias:8000"}
+            assert guarded.get("/v1/inspections", headers=alias).status_code == 400
+            token = {**alias, "authorization": "Bearer s3cret"}
+            assert guarded.get("/v1/inspections", headers=token).status_code == 200
+    finally:
+        inspector.stop()
+
+
+def test_an_allowed_host_is_accepted_also_behind_a_proxy(banked: Config):
+    inspector = inspector_of(banked)
+    inspector.start()
+    try:
+        with TestClient(create_app(inspector, allowed_hosts=("Station-7.factory", "backend"))) as client:
+            assert client.get("/v1/inspections", headers={"host": "station-7.factory.:8000"}).status_code == 200
+            assert client.get("/v1/inspections").status_code == 400  # "testserver"
+            assert client.get("/v1/inspections", headers={"host": "[::1]evil.example"}).status_code == 400
+            # A proxy that rewrote the Host: the page's Origin is the public name.
+            proxied = {"host": "backend:8000", "origin": "https://station-7.factory"}
+            assert client.post("/v1/review/texture/append", headers=proxied).status_code == 409  # nothing queued
+    finally:
+        inspector.stop()
 
 
 def test_the_page_and_its_files_are_served_with_a_policy_of_their_own(client: TestClient):

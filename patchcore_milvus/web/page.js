@@ -125,9 +125,9 @@ async function reviewGood() {
 async function loadQueue() {
   const category = $("category").value;
   if (!category) return;
-  const { queued, added } = await (await api(`/v1/review/${encodeURIComponent(category)}`)).json();
-  for (const decision of queued) reviewed.add(decision.id);
-  for (const decision of added) reviewed.add(decision.id);
+  const { queued, added, set_aside } = await (await api(`/v1/review/${encodeURIComponent(category)}`)).json();
+  for (const decision of [...queued, ...added]) reviewed.add(decision.id);
+  for (const id of set_aside) reviewed.add(id);
   $("queue").hidden = queued.length === 0 && !$("queue-state").dataset.done;
   $("review-append").hidden = queued.length === 0;
   if (queued.length) {
@@ -141,9 +141,10 @@ async function appendReviewed() {
   $("queue-state").textContent = "adding them to the bank…";
   try {
     const answer = await (await api(`/v1/review/${encodeURIComponent(category)}/append`, { method: "POST" })).json();
+    const aside = answer.set_aside.length ? ` (${answer.set_aside.length} unusable, set aside)` : "";
     $("queue-state").textContent = answer.published
-      ? `${answer.added} added: the bank is now ${answer.version}`
-      : `${answer.added} added: ${answer.version} covered them already, no new version`;
+      ? `${answer.added} added: the bank is now ${answer.version}${aside}`
+      : `${answer.added} added: ${answer.version} covered them already, no new version${aside}`;
     $("queue-state").dataset.done = "1";
     await loadQueue();
     await loadCategories();
