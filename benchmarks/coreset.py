@@ -13,6 +13,8 @@ coreset covers the features: lower is better.
 
     python benchmarks/coreset.py --images 209 --methods pruned,plain32,plain64
     python benchmarks/coreset.py --images 50
+    python benchmarks/coreset.py --data ../shared/data/magnetic_tile_defect --category magnetic_tile \
+        --images 300 --image-size 384 --ratio 0.01 --methods pruned,plain32
 """
 
 from __future__ import annotations
@@ -58,12 +60,13 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--methods", default="pruned,plain32,plain64,anomalib")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=256, help="the input size (the README's first table: 256)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     paths = list_images(args.data / args.category / "train" / "good")[: args.images]
     with tempfile.TemporaryDirectory() as folder:
-        pipeline = FeaturePipeline.from_config(Config(image_size=256))  # its README figures' size
+        pipeline = FeaturePipeline.from_config(Config(image_size=args.image_size, aspect="square"))
         patches = extract_patches(pipeline, paths, 8, 128, args.seed, Path(folder), progress=True)
         features = torch.from_numpy(np.array(patches.full))
     projected = patches.projected

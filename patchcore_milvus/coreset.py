@@ -60,13 +60,15 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
     with tqdm(total=size, desc="coreset", unit="pick", disable=not progress) as bar:
         for begin in range(0, size, step):
             end = min(size, begin + step)
-            _kcentre_picks(rows, lead, first, begin, end, *state)
+            _kcentre_picks(rows, lead, first, begin, end, numba.get_num_threads(), *state)
             bar.update(end - begin)
     return Coreset(state.picks, float(np.sqrt(state.radius_squared.max())))
 
 
 # Principal components used to rule rows out cheaply: on bottle the top 16 of 128 carry 92 % of the variance.
 _LEAD_DIMS = 16
+# Rows below which a pick's distances are not split between threads (starting them costs more).
+_CHUNK = 16384
 # Relative and absolute slack in every test that rules work out, far above float32 rounding: a row
 # that might move is never skipped, so only the exact float64 distances decide.
 _MARGIN = 1e-3
@@ -86,6 +88,7 @@ class _KCentreState(NamedTuple):
     block_size: np.ndarray
     pool_rows: np.ndarray
     pool_distances: np.ndarray
+    pool_leads: np.ndarray  # each entry's row's principal components: read in order, not by row
     pool_top: np.ndarray  # one element
 
     @classmethod
@@ -100,6 +103,7 @@ class _KCentreState(NamedTuple):
             np.zeros(size, np.int64),
             np.empty(2 * n, np.int64),
             np.empty(2 * n, np.float64),
+            np.empty((2 * n, min(_LEAD_DIMS, dim)), np.float32),
             np.zeros(1, np.int64),
         )
 
@@ -144,7 +148,12 @@ def _squared64(u: np.ndarray, v: np.ndarray) -> float:
 
 @numba.njit(cache=True)
 def _compact(
-    block_start: np.ndarray, block_size: np.ndarray, pool_rows: np.ndarray, pool_distances: np.ndarray, blocks: int
+    block_start: np.ndarray,
+    block_size: np.ndarray,
+    pool_rows: np.ndarray,
+    pool_distances: np.ndarray,
+    pool_leads: np.ndarray,
+    blocks: int,
 ) -> int:
     """Close the gaps left in the pool by rows that moved; blocks keep their order."""
     top = 0
@@ -153,6 +162,7 @@ def _compact(
         for j in range(count):
             pool_rows[top + j] = pool_rows[begin + j]
             pool_distances[top + j] = pool_distances[begin + j]
+            pool_leads[top + j] = pool_leads[begin + j]
         block_start[a] = top
         top += count
     return top
@@ -165,6 +175,7 @@ def _kcentre_picks(
     first: int,
     begin: int,
     end: int,
+    threads: int,
     picks: np.ndarray,
     centres: np.ndarray,
     centre_leads: np.ndarray,
@@ -174,12 +185,21 @@ def _kcentre_picks(
     block_size: np.ndarray,
     pool_rows: np.ndarray,
     pool_distances: np.ndarray,
+    pool_leads: np.ndarray,
     pool_top: np.ndarray,
 ) -> None:
-    """Picks number `begin` to `end` - 1 of the greedy loop, continuing from the state."""
+    """Picks number `begin` to `end` - 1 of the greedy loop, continuing from the state.
+
+    Each pick runs in two phases: the distances of every row that may move to the new centre,
+    on all cores (`_new_distances`), then one pass that keeps or moves them, in the order one
+    thread would, so the picks do not depend on the number of threads."""
     n = rows.shape[0]
     capacity = pool_rows.shape[0]
     top = pool_top[0]
+    moved = np.empty(capacity, np.float64)  # per pool slot: the new distance, or -1 (stays)
+    moving_rows, moving_distances = np.empty(n, np.int64), np.empty(n, np.float64)
+    candidates = np.empty(end, np.int64)
+    stays_squared = np.empty(end, np.float64)
     for i in range(begin, end):
         if i == 0:
             new = first
@@ -193,12 +213,14 @@ def _kcentre_picks(
         centres[i] = centre
         centre_lead = lead[new]
         centre_leads[i] = centre_lead
-        block_start[i] = top
         if i == 0:  # the first centre owns every row
-            for r in range(n):
-                pool_rows[top + r] = r
-                pool_distances[top + r] = _squared64(rows[r], centre)
+            _first_distances(rows, lead, centre, pool_rows, pool_distances, pool_leads, top)
+            block_start[0], block_size[0] = top, n
             top += n
+            radius_squared[0], farthest[0] = _farthest(pool_rows, pool_distances, block_start[0], top)
+            continue
+        # The centres whose rows the new one may take: d(a, c) < 2 r(a).
+        count = 0
         for a in range(i):
             if radius_squared[a] <= 0.0:
                 continue
@@ -208,29 +230,97 @@ def _kcentre_picks(
             between = _squared32(centres[a], centre)
             if between >= reach * reach:
                 continue
-            if capacity - top < block_size[a]:
-                block_size[i] = top - block_start[i]
-                top = _compact(block_start, block_size, pool_rows, pool_distances, i + 1)
             stays = (np.sqrt(between) / 2.0 - _MARGIN) / (1.0 + _MARGIN)  # rows this close to a stay
-            stays_squared = stays * stays if stays > 0.0 else -1.0
+            candidates[count], stays_squared[count] = a, stays * stays if stays > 0.0 else -1.0
+            count += 1
+        offsets = np.zeros(count + 1, np.int64)
+        for k in range(count):
+            offsets[k + 1] = offsets[k] + block_size[candidates[k]]
+        _new_distances(
+            rows, centre, centre_lead, pool_rows, pool_distances, pool_leads, block_start, candidates[:count],
+            stays_squared[:count], offsets, moved, threads
+        )  # fmt: skip
+        moving = 0
+        for k in range(count):
+            a = candidates[k]
             kept = block_start[a]
             for j in range(block_start[a], block_start[a] + block_size[a]):
-                r, current = pool_rows[j], pool_distances[j]
-                if current > stays_squared:
-                    bound = current * (1.0 + _MARGIN) + _MARGIN
-                    if _squared32(lead[r], centre_lead) <= bound and _squared32(rows[r], centre) <= bound:
-                        distance = _squared64(rows[r], centre)
-                        if distance < current:
-                            pool_rows[top], pool_distances[top] = r, distance
-                            top += 1
-                            continue
-                pool_rows[kept], pool_distances[kept] = r, current
-                kept += 1
+                if moved[j] >= 0.0:
+                    moving_rows[moving], moving_distances[moving] = pool_rows[j], moved[j]
+                    moving += 1
+                else:
+                    if kept != j:
+                        pool_rows[kept], pool_distances[kept] = pool_rows[j], pool_distances[j]
+                        pool_leads[kept] = pool_leads[j]
+                    kept += 1
             block_size[a] = kept - block_start[a]
             radius_squared[a], farthest[a] = _farthest(pool_rows, pool_distances, block_start[a], kept)
-        block_size[i] = top - block_start[i]
+        if capacity - top < moving:
+            top = _compact(block_start, block_size, pool_rows, pool_distances, pool_leads, i)
+        block_start[i] = top
+        for m in range(moving):
+            pool_rows[top + m], pool_distances[top + m] = moving_rows[m], moving_distances[m]
+            pool_leads[top + m] = lead[moving_rows[m]]
+        top += moving
+        block_size[i] = moving
         radius_squared[i], farthest[i] = _farthest(pool_rows, pool_distances, block_start[i], top)
     pool_top[0] = top
+
+
+@numba.njit(cache=True, parallel=True)
+def _first_distances(
+    rows: np.ndarray,
+    lead: np.ndarray,
+    centre: np.ndarray,
+    pool_rows: np.ndarray,
+    pool_distances: np.ndarray,
+    pool_leads: np.ndarray,
+    top: int,
+) -> None:
+    for r in numba.prange(rows.shape[0]):
+        pool_rows[top + r] = r
+        pool_distances[top + r] = _squared64(rows[r], centre)
+        pool_leads[top + r] = lead[r]
+
+
+@numba.njit(cache=True, parallel=True)
+def _new_distances(
+    rows: np.ndarray,
+    centre: np.ndarray,
+    centre_lead: np.ndarray,
+    pool_rows: np.ndarray,
+    pool_distances: np.ndarray,
+    pool_leads: np.ndarray,
+    block_start: np.ndarray,
+    candidates: np.ndarray,
+    stays_squared: np.ndarray,
+    offsets: np.ndarray,
+    moved: np.ndarray,
+    threads: int,
+) -> None:
+    """For every row of the candidate centres' blocks (laid end to end, `offsets`): its exact
+    distance to the new centre where that is smaller than its current one, else -1. Rows closer
+    to their centre than half the way to the new one cannot move; the principal components and
+    float32 rule out most of the rest before the float64 distance decides."""
+    total = offsets[-1]
+    step = max(_CHUNK, (total + threads - 1) // threads)
+    for chunk in numba.prange((total + step - 1) // step):
+        t, stop = chunk * step, min(total, (chunk + 1) * step)
+        k = np.searchsorted(offsets, t, side="right") - 1
+        while t < stop:  # block by block: one search per chunk, then plain loops
+            first = block_start[candidates[k]]
+            upto = min(stop, offsets[k + 1])
+            for j in range(first + t - offsets[k], first + upto - offsets[k]):
+                r, current = pool_rows[j], pool_distances[j]
+                result = -1.0
+                if current > stays_squared[k]:
+                    bound = current * (1.0 + _MARGIN) + _MARGIN
+                    if _squared32(pool_leads[j], centre_lead) <= bound and _squared32(rows[r], centre) <= bound:
+                        distance = _squared64(rows[r], centre)
+                        if distance < current:
+                            result = distance
+                moved[j] = result
+            t, k = upto, k + 1
 
 
 @numba.njit(cache=True)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from patchcore_milvus import __version__
 from patchcore_milvus.ann_check import PROBE_PATCHES, SearchWidths, choose_search_widths
 from patchcore_milvus.bank import Bank, SearchFunction, bank_extractor, check_extractor
-from patchcore_milvus.config import Config
+from patchcore_milvus.config import Config, is_server_uri
 from patchcore_milvus.coreset import (
     coreset_size,
     extend_coreset,
@@ -270,9 +270,10 @@ def _none_usable(bank_images: int, held_out: int, reasons: list[str]) -> ImageEr
 
 
 # Bytes each training patch holds in memory during an ingest besides its projection: its position
-# (3 int32), its entries in the coreset's pool (int64 + float64, room for two) and its leading
-# principal components (16 float32).
-_BYTES_PER_PATCH = 12 + 32 + 64
+# (3 int32), its leading principal components (16 float32), and in the coreset's pool (room for
+# two entries) its index and distance (int64 + float64), a copy of those components, and a pick's
+# scratch (the new distance, float64; a moving row's index and distance).
+_BYTES_PER_PATCH = 12 + 64 + 2 * (16 + 64 + 8) + 16
 
 
 def check_resources(images: int, features: FeaturePipeline, projection_dim: int) -> None:
@@ -379,8 +380,12 @@ def _ingest(
         features = FeaturePipeline.from_config(config, bank_shape(images, config))
         check_tile(config, features.preprocess.input_shape)
         check_resources(len(images), features, config.projection_dim)
-    store = store or BankStore.from_config(config)
-    grown = _Grown.read(store, category) if append else None
+    grown = None
+    if append or is_server_uri(config.uri):  # a server that does not answer: said before the work
+        store = store or BankStore.from_config(config)
+    if append:
+        assert store is not None
+        grown = _Grown.read(store, category)
     if grown is not None:  # the grown bank's own extractor
         features = bank_extractor(store, grown.version, grown.description, config)
         check_extractor(category, grown.description, features)
@@ -500,6 +505,8 @@ def _ingest(
         earlier = old.thresholds.holdout if old.thresholds else []
     held_out = [(images[i], names[i]) for i in held_idx]
     replaces = None if grown is None else grown.version
+    # A Lite file is opened only now: an ingest whose images are all unusable leaves none behind.
+    store = store or BankStore.from_config(config)
     collection, description = _publish(
         store, features, config, contents, description, held_out, earlier, seconds, replaces
     )
