@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -165,10 +166,14 @@ class _Group(click.Group):
         except OSError as exc:
             if not _is_storage_fault(exc):
                 raise
+            command = ctx.invoked_subcommand
+            where = exc.filename
+            if where is None:  # a write without a name: ingest's patch features, in the temporary folder
+                where = f"the temporary folder {tempfile.gettempdir()}" if command == "ingest" else "a file"
+            elsewhere = {"ingest": "TMPDIR", "query": "--out", "evaluate": "--report"}.get(command, "TMPDIR")
             click.secho(
-                f"error: {exc.filename or 'a file'}: {exc.strerror or exc}. Free some space (or point "
-                "TMPDIR or --out elsewhere) and check the permissions of that file's folder; outputs "
-                "are written whole or not at all.",
+                f"error: {where}: {exc.strerror or exc}. Free some space (or point {elsewhere} elsewhere) "
+                "and check the permissions of that folder; outputs are written whole or not at all.",
                 fg="red",
                 err=True,
             )

@@ -33,22 +33,23 @@ def scan_folder(folder: Path, recursive: bool = False) -> tuple[list[Path], str 
     if not folder.is_dir():
         raise ImageError(f"{folder} is not a folder")
     images: list[Path] = []
-    reasons: Counter[str] = Counter()
+    reasons: Counter[tuple[str, str]] = Counter()  # (one, many)
     for entry in folder.rglob("*") if recursive else folder.iterdir():
         if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
             images.append(entry)
         elif entry.is_symlink() and not entry.exists():
-            reasons["broken or looping symbolic links"] += 1
+            reasons["broken or looping symbolic link", "broken or looping symbolic links"] += 1
         elif entry.is_dir():
             if not recursive:
-                reasons["subfolders (not searched)"] += 1
+                reasons["subfolder (not searched)", "subfolders (not searched)"] += 1
         elif not entry.is_file():
-            reasons["entries that are not regular files"] += 1
+            reasons["entry that is not a regular file", "entries that are not regular files"] += 1
         else:
-            reasons[f"{entry.suffix.lower() or 'suffix-less'} files (not {', '.join(IMAGE_SUFFIXES)})"] += 1
+            kind, takes = entry.suffix.lower() or "suffix-less", f"(not {', '.join(IMAGE_SUFFIXES)})"
+            reasons[f"{kind} file {takes}", f"{kind} files {takes}"] += 1
     left_out = None
     if reasons:
-        counted = "; ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        counted = "; ".join(f"{count} {one if count == 1 else many}" for (one, many), count in sorted(reasons.items()))
         left_out = f"left out of {folder}: {counted}"
     return sorted(images), left_out
 

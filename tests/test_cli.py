@@ -241,9 +241,9 @@ def test_query_says_what_a_folder_left_out_and_keeps_each_result_on_one_line(ing
     os.mkfifo(folder / "camera.png")
     result = query(ingested, str(folder))
     assert result.exit_code == 0, result.output
-    assert f"left out of {folder}: 1 .gif files (not .png" in result.output
-    assert "1 broken or looping symbolic links" in result.output
-    assert "1 entries that are not regular files" in result.output
+    assert f"left out of {folder}: 1 .gif file (not .png" in result.output
+    assert "1 broken or looping symbolic link;" in result.output
+    assert "1 entry that is not a regular file" in result.output
     [line] = [line for line in result.output.splitlines() if "score" in line]
     assert line.startswith(str(folder / "line\\nbreak.png")), line
 
@@ -443,6 +443,9 @@ def test_ingest_skips_unusable_files_says_why_and_strict_stops(good_folder: Path
     nothing = CliRunner().invoke(main, ["ingest", *settings])
     assert nothing.exit_code == 2, nothing.output
     assert "none of the 1 images for the bank could be used (1 more set aside" in nothing.output
+    fresh = tmp_path / "fresh.db"  # a first ingest that fails leaves no empty bank file
+    settings[settings.index(db)] = str(fresh)
+    assert CliRunner().invoke(main, ["ingest", *settings]).exit_code == 2 and not fresh.exists()
 
 
 def test_ingest_with_unusable_weights_says_so_and_creates_no_bank_file(good_folder: Path, tmp_path: Path):
@@ -488,6 +491,7 @@ def test_numpy_running_out_of_space_without_an_errno_is_a_message(ingested: str,
     monkeypatch.setattr(numpy, "save", short)
     result = query(ingested, "--out", str(tmp_path / "out"), str(tmp_path / "good.png"))
     assert result.exit_code == 2 and "Free some space" in result.output and "Traceback" not in result.output
+    assert "error: a file: " in result.output and "point --out elsewhere" in result.output
 
 
 def test_a_target_dim_above_the_backbone_s_dims_is_refused(good_folder: Path, tmp_path: Path):
