@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -75,7 +76,15 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsUnavailableError(f"cannot load weights from {path}: {exc}") from exc
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged or unsafe file
+    except pickle.UnpicklingError as exc:  # torch's advice (weights_only=False: run its code) is not ours
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+        raise WeightsUnavailableError(
+            f"cannot load weights from {path}: it is damaged, or holds more than tensors ({detail or 'unreadable'}), "
+            "and is never run as code; save the weights alone (torch.save(model.state_dict(), path)) or as "
+            ".safetensors"
+        ) from exc
+    except Exception as exc:  # torch raises several types for a damaged file
         raise WeightsUnavailableError(f"cannot load weights from {path}: {exc}") from exc
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):

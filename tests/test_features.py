@@ -129,9 +129,19 @@ def test_a_damaged_safetensors_file_is_a_message_not_a_traceback(tmp_path, conte
 def test_a_weights_file_that_is_a_pickle_of_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": _Payload()}, path)
-    with pytest.raises(WeightsUnavailableError, match="cannot load weights from"):
+    with pytest.raises(WeightsUnavailableError, match="cannot load weights from") as refused:
         build_backbone("wide_resnet50_2", weights=str(path))
     assert "pickle executed" not in capsys.readouterr().out
+    assert "weights_only" not in str(refused.value)  # torch's advice would run the file's code
+    assert "save the weights alone" in str(refused.value)
+
+
+def test_a_damaged_pt_file_gets_no_advice_to_run_it(tmp_path):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"garbage, not a zip or a pickle")
+    with pytest.raises(WeightsUnavailableError, match="it is damaged, or holds more than tensors") as refused:
+        build_backbone("efficientnet_lite0", weights=str(path))
+    assert "weights_only" not in str(refused.value)
 
 
 def test_onnx_runtime_gives_torch_s_features_on_real_images(bottle_root, tmp_path, monkeypatch):
