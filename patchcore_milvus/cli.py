@@ -602,11 +602,15 @@ def rollback(category: str, version: str | None, config: Config) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @config_options(*CONNECTION)
 def gc(category: str | None, yes: bool, config: Config) -> None:
-    """Drop leftovers of interrupted ingests: versions that never got their description.
+    """Drop leftovers of interrupted ingests: versions that never got their description, and
+    the temporary folders of this machine's ingests that were killed.
 
     An ingest still running also has such a version: do not run this while one is."""
+    from patchcore_milvus.ingest import remove_stale_work_folders
     from patchcore_milvus.milvus import BankStore
 
+    for folder in remove_stale_work_folders():  # this machine's, whatever the category
+        click.echo(f"removed {_printable(folder)}: the patch features of an ingest that was killed")
     store = BankStore.from_config(config, existing=True)
     found = store.leftovers(category)
     if not found:

@@ -267,6 +267,25 @@ def test_ctrl_c_while_inserting_says_so_drops_the_unfinished_version_and_keeps_t
     assert "no leftovers" in CliRunner().invoke(main, ["gc", "--uri", ingested]).output
 
 
+def test_gc_removes_the_temporary_folders_of_killed_ingests(ingested: str, tmp_path: Path, monkeypatch):
+    import subprocess
+    import tempfile
+
+    from patchcore_milvus.ingest import WORK_PREFIX
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a PID no process holds any more
+    stale, live = tmp_path / f"{WORK_PREFIX}{dead.pid}-abc", tmp_path / f"{WORK_PREFIX}{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "patches.f32").write_bytes(b"\0" * 1024)
+    result = CliRunner().invoke(main, ["gc", "--uri", ingested])
+    assert result.exit_code == 0, result.output
+    assert f"removed {stale}: the patch features of an ingest that was killed" in result.output
+    assert not stale.exists() and live.is_dir()  # a running ingest's folder stays
+
+
 def test_gc_refuses_a_name_that_cannot_be_a_category(ingested: str):
     result = CliRunner().invoke(main, ["gc", "--category", "../x", "--uri", ingested])
     assert result.exit_code == 2 and "invalid category name '../x'" in result.output, result.output
