@@ -67,8 +67,10 @@ def greedy_coreset(projected: torch.Tensor, size: int, seed: int = 0, progress: 
 
 # Principal components used to rule rows out cheaply: on bottle the top 16 of 128 carry 92 % of the variance.
 _LEAD_DIMS = 16
-# Rows below which a pick's distances are not split between threads (starting them costs more).
-_CHUNK = 16384
+# Rows below which a pick's distances are not split between threads: each parallel pass waits for
+# its slowest thread, which on busy cores costs more than a small pass saves (bottle's picks look
+# at some 23,000 rows each, the magnetic tiles' at 215,000).
+_PARALLEL_ROWS = 65536
 # Relative and absolute slack in every test that rules work out, far above float32 rounding: a row
 # that might move is never skipped, so only the exact float64 distances decide.
 _MARGIN = 1e-3
@@ -236,10 +238,14 @@ def _kcentre_picks(
         offsets = np.zeros(count + 1, np.int64)
         for k in range(count):
             offsets[k + 1] = offsets[k] + block_size[candidates[k]]
-        _new_distances(
+        arguments = (
             rows, centre, centre_lead, pool_rows, pool_distances, pool_leads, block_start, candidates[:count],
-            stays_squared[:count], offsets, moved, threads
+            stays_squared[:count], offsets, moved,
         )  # fmt: skip
+        if threads > 1 and offsets[count] >= _PARALLEL_ROWS:
+            _new_distances(*arguments, threads)
+        else:  # a few rows: starting the threads would cost more than they save
+            _new_distances_between(0, offsets[count], *arguments)
         moving = 0
         for k in range(count):
             a = candidates[k]
@@ -298,29 +304,54 @@ def _new_distances(
     moved: np.ndarray,
     threads: int,
 ) -> None:
-    """For every row of the candidate centres' blocks (laid end to end, `offsets`): its exact
-    distance to the new centre where that is smaller than its current one, else -1. Rows closer
-    to their centre than half the way to the new one cannot move; the principal components and
-    float32 rule out most of the rest before the float64 distance decides."""
+    """`_new_distances_between` over all the candidates' rows, in `threads` equal chunks."""
     total = offsets[-1]
-    step = max(_CHUNK, (total + threads - 1) // threads)
-    for chunk in numba.prange((total + step - 1) // step):
-        t, stop = chunk * step, min(total, (chunk + 1) * step)
-        k = np.searchsorted(offsets, t, side="right") - 1
-        while t < stop:  # block by block: one search per chunk, then plain loops
-            first = block_start[candidates[k]]
-            upto = min(stop, offsets[k + 1])
-            for j in range(first + t - offsets[k], first + upto - offsets[k]):
-                r, current = pool_rows[j], pool_distances[j]
-                result = -1.0
-                if current > stays_squared[k]:
-                    bound = current * (1.0 + _MARGIN) + _MARGIN
-                    if _squared32(pool_leads[j], centre_lead) <= bound and _squared32(rows[r], centre) <= bound:
-                        distance = _squared64(rows[r], centre)
-                        if distance < current:
-                            result = distance
-                moved[j] = result
-            t, k = upto, k + 1
+    step = (total + threads - 1) // threads
+    for chunk in numba.prange(threads):
+        _new_distances_between(
+            chunk * step, min(total, (chunk + 1) * step), rows, centre, centre_lead, pool_rows, pool_distances,
+            pool_leads, block_start, candidates, stays_squared, offsets, moved,
+        )  # fmt: skip
+
+
+@numba.njit(cache=True)
+def _new_distances_between(
+    t: int,
+    stop: int,
+    rows: np.ndarray,
+    centre: np.ndarray,
+    centre_lead: np.ndarray,
+    pool_rows: np.ndarray,
+    pool_distances: np.ndarray,
+    pool_leads: np.ndarray,
+    block_start: np.ndarray,
+    candidates: np.ndarray,
+    stays_squared: np.ndarray,
+    offsets: np.ndarray,
+    moved: np.ndarray,
+) -> None:
+    """For the rows `t` to `stop` - 1 of the candidate centres' blocks (laid end to end,
+    `offsets`): each one's exact distance to the new centre where that is smaller than its
+    current one, else -1. Rows closer to their centre than half the way to the new one cannot
+    move; the principal components and float32 rule out most of the rest before the float64
+    distance decides."""
+    if t >= stop:
+        return
+    k = np.searchsorted(offsets, t, side="right") - 1
+    while t < stop:  # block by block: one search, then plain loops
+        first = block_start[candidates[k]]
+        upto = min(stop, offsets[k + 1])
+        for j in range(first + t - offsets[k], first + upto - offsets[k]):
+            r, current = pool_rows[j], pool_distances[j]
+            result = -1.0
+            if current > stays_squared[k]:
+                bound = current * (1.0 + _MARGIN) + _MARGIN
+                if _squared32(pool_leads[j], centre_lead) <= bound and _squared32(rows[r], centre) <= bound:
+                    distance = _squared64(rows[r], centre)
+                    if distance < current:
+                        result = distance
+            moved[j] = result
+        t, k = upto, k + 1
 
 
 @numba.njit(cache=True)

@@ -88,6 +88,15 @@ def test_pruning_skips_work_but_not_picks():
     assert covering_radius(duplicated, pruned) == pytest.approx(covering_radius(duplicated, plain))
 
 
+def test_picks_split_between_threads_are_the_same():
+    """Picks that look at more rows than PARALLEL_ROWS are split between threads: still the
+    textbook loop's picks (scattered rows: the first picks re-examine nearly all of them)."""
+    from patchcore_milvus.coreset import _PARALLEL_ROWS
+
+    projected = torch.randn(_PARALLEL_ROWS + 20000, 12, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(greedy_coreset(projected, 60).picks, greedy_coreset_plain(projected, 60))
+
+
 def test_pruned_loop_matches_the_reference_through_many_picks():
     """Half the rows picked: clusters shrink to single rows, the pool of row blocks is compacted
     many times, and every row is picked once when all are asked for."""
