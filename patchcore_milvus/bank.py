@@ -33,28 +33,18 @@ from patchcore_milvus.scoring import anomaly_map, image_scores, reweighting_fact
 
 
 @dataclass
-class Inspection:
-    """The result for one image. `anomaly_map` has the original image's size (H, W)."""
+class ScoredImage:
+    """What any method answers for one image: its score, the thresholds it is judged by, and the
+    anomaly map, which has the original image's size (H, W)."""
 
     path: str
     image_score: float
     image_threshold: float | None
     pixel_threshold: float | None
     anomaly_map: np.ndarray = field(repr=False)
-    # The training patch nearest to the most anomalous test patch: where the bank "looked".
-    nearest_patch: dict[str, Any]
     timings_ms: dict[str, float]
     # The RGB image as scored, for drawing overlays.
     image: Image.Image = field(repr=False)
-    # Per patch (h, w): distance to and id of the nearest bank vector, and the patch feature's norm
-    # (what float32 rounding of a distance scales with, see ann_check.same_distance).
-    patch_distances: np.ndarray = field(repr=False)
-    patch_ids: np.ndarray = field(repr=False)
-    patch_norms: np.ndarray = field(repr=False)
-    # The bank version (collection) that scored it.
-    bank_version: str = ""
-    # Patches whose distance was settled by the exact recheck (see scoring.settle_largest).
-    rechecked_patches: int = 0
 
     @property
     def verdict(self) -> str | None:
@@ -72,6 +62,23 @@ class Inspection:
         if self.verdict == "OK":
             return np.zeros(self.anomaly_map.shape, dtype=bool)
         return self.anomaly_map > self.pixel_threshold
+
+
+@dataclass
+class Inspection(ScoredImage):
+    """PatchCore's result for one image: where the bank looked, besides the score and the map."""
+
+    # The training patch nearest to the most anomalous test patch: where the bank "looked".
+    nearest_patch: dict[str, Any]
+    # Per patch (h, w): distance to and id of the nearest bank vector, and the patch feature's norm
+    # (what float32 rounding of a distance scales with, see ann_check.same_distance).
+    patch_distances: np.ndarray = field(repr=False)
+    patch_ids: np.ndarray = field(repr=False)
+    patch_norms: np.ndarray = field(repr=False)
+    # The bank version (collection) that scored it.
+    bank_version: str = ""
+    # Patches whose distance was settled by the exact recheck (see scoring.settle_largest).
+    rechecked_patches: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Everything but the map, ready for JSON."""

@@ -27,7 +27,7 @@ from patchcore_milvus.config import (
     load_config,
     shown_uri,
 )
-from patchcore_milvus.errors import ImageError, PatchcoreMilvusError
+from patchcore_milvus.errors import ImageError, ModelFileError, PatchcoreMilvusError
 
 _HINTS = typing.get_type_hints(Config)
 
@@ -170,7 +170,9 @@ class _Group(click.Group):
             where = exc.filename
             if where is None:  # a write without a name: ingest's patch features, in the temporary folder
                 where = f"the temporary folder {tempfile.gettempdir()}" if command == "ingest" else "a file"
-            elsewhere = {"ingest": "TMPDIR", "query": "--out", "evaluate": "--report"}.get(command, "TMPDIR")
+            elsewhere = {"ingest": "TMPDIR", "query": "--out", "evaluate": "--report", "watch": "--results"}.get(
+                command, "TMPDIR"
+            )
             click.secho(
                 f"error: {where}: {exc.strerror or exc}. Free some space (or point {elsewhere} elsewhere) "
                 "and check the permissions of that folder; outputs are written whole or not at all.",
@@ -401,11 +403,14 @@ def watch(
     bank = Bank.open(category, config)
     click.echo(f"watching {_printable(folder)} for {category} (results: {_printable(settings.results)}; Ctrl-C stops)")
     try:
-        scored = watch_folder(bank, settings, click.echo)
+        outcome = watch_folder(bank, settings, click.echo)
     except KeyboardInterrupt:
         click.echo("stopped")
         return
-    click.echo(f"{scored} images scored")
+    click.echo(f"{outcome.scored} image{'s' if outcome.scored != 1 else ''} scored")
+    if outcome.waiting:
+        click.secho(f"{outcome.waiting} files were left unscored (see above); run it again", fg="red", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -438,6 +443,24 @@ def watch(
     is_flag=True,
     help="Refuse defect images without a ground-truth mask (by default they count for the image metrics only).",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["patchcore", "autoencoder", "gan"]),
+    default="patchcore",
+    show_default=True,
+    help="PatchCore's bank, or a reconstruction baseline trained with `baseline fit` (needs --model-dir).",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The baseline's folder (`baseline fit --out`); with several categories DIR/<category>; with --compare "
+    "DIR/<method>/<category>.",
+)
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="PatchCore, the AutoEncoder and the GAN side by side, as the seed's table (needs --model-dir).",
+)
 @config_options(*SCORING, "progress")
 def evaluate(
     data_root: Path,
@@ -447,14 +470,33 @@ def evaluate(
     report_dir: Path | None,
     pixel_size: int,
     strict_masks: bool,
+    method: str,
+    model_dir: Path | None,
+    compare: bool,
     config: Config,
 ) -> None:
     """MVTec AD metrics of banks on DATA_ROOT/<category>/test, as in the PatchCore paper's tables."""
     from patchcore_milvus.bank import Bank
-    from patchcore_milvus.evaluate import evaluate_category
+    from patchcore_milvus.evaluate import CategoryEvaluation, Scorer, evaluate_baseline, evaluate_category
     from patchcore_milvus.milvus import BankStore
-    from patchcore_milvus.report import detail_lines, summary, table_lines, write_report
+    from patchcore_milvus.report import summary
 
+    if (method != "patchcore" or compare) and model_dir is None:
+        raise click.UsageError("a baseline needs --model-dir: the folder `baseline fit --out` wrote")
+    if method != "patchcore" and not compare:
+        if all_categories or not categories:
+            raise click.UsageError("give --category NAME (repeatable) for a baseline")
+        evaluated: list[CategoryEvaluation] = []
+        scorers: dict[str, Scorer] = {}
+        for category in categories:
+            scorers[category] = _baseline(model_dir, method, category, several=len(categories) > 1)
+            evaluated.append(
+                evaluate_baseline(
+                    scorers[category], category, data_root / category, pixel_size, config.progress, strict_masks
+                )
+            )
+        _print_evaluation(summary(evaluated), evaluated, scorers, report_dir)
+        return
     store = BankStore.from_config(config, existing=True)
     if all_categories:
         banked = {bank.category for bank in store.list_banks()}
@@ -465,18 +507,69 @@ def evaluate(
         raise click.UsageError("give --category NAME (repeatable) or --all")
     if report_dir is not None and search not in ("both", "all"):  # a report compares with exact search
         search = "all" if search == "local" else "both"
-    banks, evaluations = {}, []
+    banks: dict[str, Scorer] = {}
+    evaluations = []
     for category in categories:
-        banks[category] = Bank.open(category, config, store=store)
+        bank = Bank.open(category, config, store=store)
+        banks[category] = bank
         evaluations.append(
-            evaluate_category(
-                banks[category], category, data_root / category, search, pixel_size, config.progress, strict_masks
-            )
+            evaluate_category(bank, category, data_root / category, search, pixel_size, config.progress, strict_masks)
         )
+    baselines = {}
+    if compare:
+        assert model_dir is not None
+        for name in ("autoencoder", "gan"):
+            for category in categories:
+                model = _baseline(model_dir / name, name, category, several=True)
+                evaluation = evaluate_baseline(
+                    model, category, data_root / category, pixel_size, config.progress, strict_masks
+                )
+                baselines[name, category] = evaluation
     report = summary(evaluations)
+    if compare:
+        report["compare"] = _comparison(evaluations, baselines)
+    _print_evaluation(report, evaluations, banks, report_dir)
+
+
+def _baseline(model_dir: Path | None, method: str, category: str, several: bool) -> Any:
+    """The baseline of `category` in `model_dir` (DIR/<category> where DIR holds several), checked."""
+    from patchcore_milvus.baseline import DESCRIPTION, Baseline
+
+    assert model_dir is not None
+    folder = model_dir / category if several and not (model_dir / DESCRIPTION).is_file() else model_dir
+    baseline = Baseline.load(folder)
+    assert baseline.description is not None
+    if baseline.settings.method != method:
+        raise ModelFileError(f"{folder} holds the {baseline.settings.method} baseline, not the {method}")
+    if baseline.description.category != category:
+        raise ModelFileError(f"{folder} holds a model of {baseline.description.category!r}, not of {category!r}")
+    return baseline
+
+
+def _comparison(evaluations: list[Any], baselines: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """The seed's table: per category, image and pixel AUROC of AE, GAN and PatchCore (Milvus search)."""
+    rows = {}
+    for evaluation in evaluations:
+        category = evaluation.category
+        patchcore = evaluation.report["search"].get("milvus") or next(iter(evaluation.report["search"].values()))
+        row = {"patchcore": {k: patchcore[k] for k in ("image_auroc", "pixel_auroc")}}
+        for name in ("autoencoder", "gan"):
+            metrics = baselines[name, category].report["search"][name]
+            row[name] = {k: metrics[k] for k in ("image_auroc", "pixel_auroc")}
+        rows[category] = row
+    return {"categories": rows, "baselines": {f"{n}/{c}": e.report for (n, c), e in baselines.items()}}
+
+
+def _print_evaluation(
+    report: dict[str, Any], evaluations: list[Any], scorers: dict[str, Any], report_dir: Path | None
+) -> None:
+    from patchcore_milvus.report import comparison_lines, detail_lines, table_lines, write_report
+
+    if "compare" in report:
+        click.echo("\n".join([*comparison_lines(report["compare"]), ""]))
     click.echo("\n".join([*table_lines(report), "", *detail_lines(report)]))
     if report_dir is not None:
-        written = write_report(report, evaluations, banks, report_dir)
+        written = write_report(report, evaluations, scorers, report_dir)
         click.echo(f"report: {', '.join(str(p) for p in written)}")
 
 
@@ -549,6 +642,82 @@ def serve(
         service.serve(config, host, port, token, categories, queue_size, click.echo, allowed_hosts)
     except KeyboardInterrupt:  # uvicorn has answered the requests in flight and stopped
         click.echo("stopped")
+
+
+@main.group()
+def baseline() -> None:
+    """The seed's reconstruction baselines (an AutoEncoder, a GAN), to compare with PatchCore."""
+
+
+@baseline.command("fit")
+@click.argument("data_root", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--category", required=True, help="Product category (its good images train the model).")
+@click.option(
+    "--images", "images_dir", type=click.Path(file_okay=False, path_type=Path), help="Any folder of good images."
+)
+@click.option("--method", required=True, type=click.Choice(["autoencoder", "gan"]), help="Which baseline.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the model.")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(32, 1024), help="A multiple of 16.")
+@click.option("--epochs", default=60, show_default=True, type=click.IntRange(1), help="At most this many.")
+@click.option(
+    "--patience",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Epochs without a better held-out loss before stopping.",
+)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), help="Adam's (default 1e-3; the GAN 2e-4).")
+@click.option(
+    "--holdout-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True)
+)
+@click.option("--threshold-sigma", default=4.0, show_default=True, type=click.FloatRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--progress/--no-progress", default=True, help="Progress bars (the loss on the training bar).")
+def baseline_fit(
+    data_root: Path | None,
+    category: str,
+    images_dir: Path | None,
+    method: str,
+    out: Path,
+    image_size: int,
+    epochs: int,
+    patience: int,
+    batch_size: int,
+    learning_rate: float | None,
+    holdout_ratio: float,
+    threshold_sigma: float,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Train a baseline on CATEGORY's good images (DATA_ROOT/<category>/train/good) into --out."""
+    from patchcore_milvus.baseline import TrainingSettings, fit_baseline
+    from patchcore_milvus.images import scan_folder
+    from patchcore_milvus.mvtec import train_folder
+
+    if images_dir is None:
+        if data_root is None:
+            raise click.UsageError("give DATA_ROOT (MVTec AD layout) or --images DIR")
+        images_dir = train_folder(data_root, category)
+    images, left_out = scan_folder(images_dir)
+    _say(left_out)
+    if not images:
+        raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
+    rate = {} if learning_rate is None else {"learning_rate": learning_rate}
+    settings = TrainingSettings(
+        method, image_size, epochs, patience, batch_size, holdout_ratio=holdout_ratio,
+        threshold_sigma=threshold_sigma, seed=seed, **rate,
+    )  # fmt: skip
+    description = fit_baseline(category, images, settings, out, progress).description
+    assert description is not None
+    training, thresholds = description.training, description.thresholds
+    last = training["losses"][-1]
+    click.echo(
+        f"{method} for {category} -> {out}: {training['images']} images, {training['held_out']} held out; "
+        f"{training['epochs']} epochs in {training['seconds']} s, the best held-out loss at epoch "
+        f"{training['best_epoch']} (last: training {last['train']:.4f}, held out {last['held_out']:.4f})"
+    )
+    click.echo(f"thresholds: image {thresholds['image']:.4f}, pixel {thresholds['pixel']:.4f}")
 
 
 @main.command()

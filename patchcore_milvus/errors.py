@@ -52,3 +52,7 @@ class CalibrationError(PatchcoreMilvusError):
 
 class ReviewError(PatchcoreMilvusError):
     """A review decision that cannot be taken: not a DEFECT, reviewed already, nothing queued."""
+
+
+class ModelFileError(PatchcoreMilvusError):
+    """A baseline model that cannot be trained as asked, or whose files are missing, damaged or do not match."""

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from patchcore_milvus.ann_check import recall_at_1
-from patchcore_milvus.bank import Bank
+from patchcore_milvus.bank import Bank, Inspection, ScoredImage
 from patchcore_milvus.errors import ImageError
 from patchcore_milvus.metrics import aupro, auroc, f1_iou, pro_curve, roc_curve
 from patchcore_milvus.mvtec import GOOD, LabelledImage, ground_truth, labelled_test_images
+
+if TYPE_CHECKING:
+    from patchcore_milvus.baseline import Baseline
 
 STAGES = ("load", "extract", "search", "post")
 HEADLINE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -31,10 +35,19 @@ def resize_map(amap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     )
 
 
-def pixel_shape(bank: Bank, pixel_size: int) -> tuple[int, int]:
-    """(width, height) the pixel metrics compare maps and masks at: the bank's input shape with
-    its short side `pixel_size` (`pixel_size` squared for a square bank)."""
-    height, width = bank.features.preprocess.size
+class Scorer(Protocol):
+    """What evaluate scores a test set with: a `Bank`, or a reconstruction `Baseline`."""
+
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+    def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, ScoredImage | ImageError]]: ...
+
+
+def pixel_shape(size: tuple[int, int], pixel_size: int) -> tuple[int, int]:
+    """(width, height) the pixel metrics compare maps and masks at: the scorer's input `size`
+    (height, width) with its short side `pixel_size` (`pixel_size` squared for a square input)."""
+    height, width = size
     short = min(height, width)
     return round(width * pixel_size / short), round(height * pixel_size / short)
 
@@ -53,19 +66,21 @@ class ScoredSet:
 
 
 def score_set(
-    bank: Bank, images: list[LabelledImage], pixel_size: int | tuple[int, int], label: str, progress: bool
+    scorer: Scorer, images: list[LabelledImage], pixel_size: int | tuple[int, int], label: str, progress: bool
 ) -> ScoredSet:
+    """Every test image scored; PatchCore's also keep their patches' distances (for recall@1)."""
     scores, maps, distances, ids, norms, timings = [], [], [], [], [], []
     started = time.perf_counter()
-    results = bank.score_paths([i.path for i in images])
+    results = scorer.score_paths([i.path for i in images])
     for _, result in tqdm(results, total=len(images), desc=f"scoring ({label})", unit="img", disable=not progress):
         if isinstance(result, ImageError):
             raise result
         scores.append(result.image_score)
         maps.append(resize_map(result.anomaly_map, pixel_size))
-        distances.append(result.patch_distances)
-        ids.append(result.patch_ids)
-        norms.append(result.patch_norms)
+        if isinstance(result, Inspection):
+            distances.append(result.patch_distances)
+            ids.append(result.patch_ids)
+            norms.append(result.patch_norms)
         timings.append(result.timings_ms)
     return ScoredSet(
         scores=np.array(scores),
@@ -192,7 +207,7 @@ def evaluate_category(
     refuse defect images without a ground-truth mask instead of leaving them out of the pixel
     metrics."""
     images = labelled_test_images(category_root, strict_masks)
-    shape = pixel_shape(bank, pixel_size)
+    shape = pixel_shape(bank.features.preprocess.size, pixel_size)
     truth = [ground_truth(i, shape) for i in images]
     methods: dict[str, Bank] = {}
     if search in ("milvus", "both", "all"):
@@ -234,6 +249,38 @@ def evaluate_category(
                 **{f"{k}_difference": _difference(ours[k], exact[k]) for k in HEADLINE_METRICS},
             }
     return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})
+
+
+def evaluate_baseline(
+    baseline: Baseline, category: str, category_root: Path, pixel_size: int, progress: bool, strict_masks: bool = False
+) -> CategoryEvaluation:
+    """The same metrics for a reconstruction baseline (baseline.py), under its method's name."""
+    images = labelled_test_images(category_root, strict_masks)
+    shape = pixel_shape(baseline.size, pixel_size)
+    truth = [ground_truth(i, shape) for i in images]
+    method = baseline.settings.method
+    scored = score_set(baseline, images, shape, method, progress)
+    description = baseline.description
+    training = {} if description is None else description.training
+    report: dict[str, Any] = {
+        "category": category,
+        "test_images": len(images),
+        "defect_types": sorted({i.defect for i in images} - {GOOD}),
+        "pixel_size": pixel_size,
+        "pixel_shape": list(shape),
+        "masks": mask_coverage(images, category_root),
+        "model": {
+            "method": method,
+            "image_size": baseline.settings.image_size,
+            "epochs": training.get("epochs"),
+            "best_epoch": training.get("best_epoch"),
+            "training_seconds": training.get("seconds"),
+        },
+        "search": {},
+    }
+    metrics, curves = set_metrics(images, truth, scored, baseline.image_threshold, baseline.pixel_threshold)
+    report["search"][method] = metrics
+    return CategoryEvaluation(category, report, {method: curves}, images, {method: scored.scores})
 
 
 def _difference(ours: float | None, exact: float | None) -> float | None:

@@ -381,8 +381,10 @@ def _ingest(
         check_tile(config, features.preprocess.input_shape)
         check_resources(len(images), features, config.projection_dim)
     grown = None
-    if append or is_server_uri(config.uri):  # a server that does not answer: said before the work
-        store = store or BankStore.from_config(config)
+    # Before the work: a server that does not answer, a Lite file another process holds. A Lite
+    # file that does not exist yet is made only after the features (none is left if they fail).
+    if append or is_server_uri(config.uri) or Path(config.uri).exists():
+        store = store or BankStore.from_config(config, existing=append)
     if append:
         assert store is not None
         grown = _Grown.read(store, category)
@@ -505,7 +507,6 @@ def _ingest(
         earlier = old.thresholds.holdout if old.thresholds else []
     held_out = [(images[i], names[i]) for i in held_idx]
     replaces = None if grown is None else grown.version
-    # A Lite file is opened only now: an ingest whose images are all unusable leaves none behind.
     store = store or BankStore.from_config(config)
     collection, description = _publish(
         store, features, config, contents, description, held_out, earlier, seconds, replaces

@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from patchcore_milvus import __version__
-from patchcore_milvus.bank import Bank
-from patchcore_milvus.evaluate import HEADLINE_METRICS, VERSUS_EXACT, CategoryEvaluation
+from patchcore_milvus.evaluate import HEADLINE_METRICS, VERSUS_EXACT, CategoryEvaluation, Scorer
 from patchcore_milvus.files import save_atomically, save_together
 from patchcore_milvus.mvtec import GOOD, ground_truth
 from patchcore_milvus.visualize import overlay_figure
@@ -80,6 +79,53 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+# The seed's own figures (image AUROC / pixel AUROC), for the comparison's last rows.
+SEED = {
+    "bottle": {"autoencoder": (0.7294, 0.6938), "gan": (0.7103, 0.7793), "patchcore": (1.0, 0.9815)},
+    "mean of the 15 categories": {
+        "autoencoder": (0.6508, 0.7417),
+        "gan": (0.6643, 0.7464),
+        "patchcore": (0.9867, 0.9759),
+    },
+}
+COMPARED = ("autoencoder", "gan", "patchcore")
+
+
+def comparison_lines(compare: dict[str, Any]) -> list[str]:
+    """The seed's layout: a row per category (and their mean), image then pixel AUROC of AE, GAN and
+    PatchCore; below, the seed's own rows for the same categories."""
+    header = ["category", *(f"{m} img" for m in COMPARED), *(f"{m} pix" for m in COMPARED)]
+    rows = []
+    for category, row in compare["categories"].items():
+        rows.append(
+            [category, *(_fmt(row[m]["image_auroc"]) for m in COMPARED)]
+            + [_fmt(row[m]["pixel_auroc"], NOT_AVAILABLE) for m in COMPARED]
+        )
+    if len(compare["categories"]) > 1:
+        rows.append(
+            ["mean"]
+            + [_fmt(_mean([r[m]["image_auroc"] for r in compare["categories"].values()])) for m in COMPARED]
+            + [
+                _fmt(_mean([r[m]["pixel_auroc"] for r in compare["categories"].values()]), NOT_AVAILABLE)
+                for m in COMPARED
+            ]
+        )
+    for name, figures in SEED.items():
+        if name in compare["categories"] or name.startswith("mean"):
+            rows.append(
+                [
+                    f"seed: {name}",
+                    *(f"{figures[m][0]:.4f}" for m in COMPARED),
+                    *(f"{figures[m][1]:.4f}" for m in COMPARED),
+                ]
+            )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    return [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
+
+
 def detail_lines(report: dict[str, Any]) -> list[str]:
     """Below the table: image AUROC per defect type and the median time of each stage, per
     category and search."""
@@ -139,7 +185,7 @@ def _tidy(value: Any) -> Any:
 
 
 def write_report(
-    report: dict[str, Any], evaluations: list[CategoryEvaluation], banks: dict[str, Bank], out: Path
+    report: dict[str, Any], evaluations: list[CategoryEvaluation], banks: dict[str, Scorer], out: Path
 ) -> list[Path]:
     """report.json, report.md, and per category: ROC and PRO curves and a contact sheet."""
     out.mkdir(parents=True, exist_ok=True)
@@ -161,19 +207,29 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Evaluation ({report['created']}, patchcore-milvus {report['package_version']})",
         "",
         "```",
+        *([*comparison_lines(report["compare"]), ""] if "compare" in report else []),
         *table_lines(report),
         "```",
         "",
     ]
     for category, entry in report["categories"].items():
-        bank = entry["bank"]
+        if "bank" in entry:
+            bank = entry["bank"]
+            subject = (
+                f"Bank {bank['collection']}: {bank['vectors']} vectors x {bank['dim']} dims "
+                f"({bank['bytes'] / 2**20:.1f} MiB), {bank['index']['type']} {bank['index']['params']}, "
+                f"backbone {bank['backbone']}, images resized to {bank['image_shape'][1]} x {bank['image_shape'][0]}"
+            )
+        else:
+            model = entry["model"]
+            subject = (
+                f"{model['method']} at {model['image_size']} px, {model['epochs']} epochs (the best held-out loss "
+                f"at {model['best_epoch']}) in {model['training_seconds']} s"
+            )
         lines += [
             f"## {category}",
             "",
-            f"Bank {bank['collection']}: {bank['vectors']} vectors x {bank['dim']} dims "
-            f"({bank['bytes'] / 2**20:.1f} MiB), {bank['index']['type']} {bank['index']['params']}, "
-            f"backbone {bank['backbone']}, images resized to {bank['image_shape'][1]} x {bank['image_shape'][0]}; "
-            f"{entry['test_images']} test images; pixel metrics on "
+            f"{subject}; {entry['test_images']} test images; pixel metrics on "
             f"{entry['pixel_shape'][0]} x {entry['pixel_shape'][1]} maps.",
             "",
         ]
@@ -253,7 +309,7 @@ def worst_cases(evaluation: CategoryEvaluation, threshold: float | None, count: 
     return (false_pos + false_neg + near)[:count]
 
 
-def contact_sheet(evaluation: CategoryEvaluation, bank: Bank, target: Path, tile: int = 600) -> Path:
+def contact_sheet(evaluation: CategoryEvaluation, bank: Scorer, target: Path, tile: int = 600) -> Path:
     """Overlays of the worst cases in a grid of 3 columns, each under a readable label, the
     ground truth outlined on the original beside the predicted outline.
 
