@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
@@ -53,7 +53,7 @@ class TrainingSettings:
     epochs: int = 60
     patience: int = 8  # epochs without a better held-out loss before stopping
     batch_size: int = 16
-    learning_rate: float = 1e-3  # the GAN: 2e-4 unless given
+    learning_rate: float | None = None  # Adam's; None: 1e-3, the GAN 2e-4 (DCGAN's)
     holdout_ratio: float = 0.1
     threshold_sigma: float = 4.0
     blur_sigma: float = 4.0  # at a 256-pixel input, scaled with the size, as PatchCore's map
@@ -81,11 +81,18 @@ class BaselineDescription:
         return json.dumps(asdict(self), indent=2)
 
 
-def _networks(settings: TrainingSettings) -> dict[str, nn.Module]:
+def _networks(settings: TrainingSettings, training: bool = True) -> dict[str, nn.Module]:
+    """The model, and for a GAN in training its discriminator."""
     if settings.method == "autoencoder":
         return {"model": AutoEncoder()}
     size = settings.image_size
-    return {"model": Generator(size, settings.latent), "discriminator": Discriminator(size)}
+    generator = Generator(size, settings.latent)
+    return {"model": generator, "discriminator": Discriminator(size)} if training else {"model": generator}
+
+
+def _settings_digest(settings: dict[str, Any], thresholds: dict[str, Any]) -> str:
+    """What the weights file records of its description: an edited model.json does not pass."""
+    return hashlib.sha256(json.dumps([settings, thresholds], sort_keys=True).encode()).hexdigest()
 
 
 def _preprocess(settings: TrainingSettings) -> Preprocess:
@@ -105,9 +112,24 @@ def _load_all(paths: list[Path], preprocess: Preprocess, progress: bool) -> tupl
     return torch.from_numpy(np.stack(loaded)), skipped
 
 
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    """The metadata a safetensors file carries in its header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as opened:
+        return opened.metadata() or {}
+
+
 def _rebuild(model: nn.Module, method: str, x: torch.Tensor) -> torch.Tensor:
     """The model's reconstruction of `x` (N, 3, S, S); [0, 1] in and out (the GAN works in [-1, 1])."""
     return model(x) if method == "autoencoder" else (model(x * 2 - 1) + 1) / 2
+
+
+def _learning_rate(settings: TrainingSettings) -> float:
+    """Adam's rate: as given, else 1e-3, and for the GAN 2e-4 (DCGAN's)."""
+    if settings.learning_rate is not None:
+        return settings.learning_rate
+    return 2e-4 if settings.method == "gan" else 1e-3
 
 
 class _Trainer:
@@ -115,9 +137,7 @@ class _Trainer:
 
     def __init__(self, settings: TrainingSettings, networks: dict[str, nn.Module]):
         self.settings, self.networks = settings, networks
-        rate = settings.learning_rate
-        if settings.method == "gan" and rate == TrainingSettings.learning_rate:
-            rate = 2e-4
+        rate = _learning_rate(settings)
         betas = (0.5, 0.999) if settings.method == "gan" else (0.9, 0.999)
         self.optimizers = {
             name: torch.optim.Adam(net.parameters(), lr=rate, betas=betas) for name, net in networks.items()
@@ -151,7 +171,9 @@ class _Trainer:
         self.optimizers["model"].zero_grad()
         g_loss.backward()
         self.optimizers["model"].step()
-        return {"train": reconstruction.item(), "generator": g_loss.item(), "discriminator": d_loss.item()}
+        with torch.no_grad():  # the same measure as the AutoEncoder's and the held-out loss
+            mse = nn.functional.mse_loss((fake + 1) / 2, x).item()
+        return {"train": mse, "l1": reconstruction.item(), "generator": g_loss.item(), "discriminator": d_loss.item()}
 
     @torch.no_grad()
     def held_out_loss(self, x: torch.Tensor) -> float:
@@ -173,6 +195,9 @@ def fit_baseline(
         raise ModelFileError(f"unknown method {settings.method!r}; use one of {', '.join(METHODS)}")
     if settings.image_size % 16 or settings.image_size < 32:
         raise ModelFileError(f"image_size must be a multiple of 16 and at least 32, got {settings.image_size}")
+    if settings.epochs < 1 or settings.patience < 1 or settings.batch_size < 1:
+        raise ModelFileError("epochs, patience and batch_size must be at least 1")
+    settings = replace(settings, learning_rate=_learning_rate(settings))  # recorded as trained
     torch.manual_seed(settings.seed)
     preprocess = _preprocess(settings)
     train_idx, held_idx = holdout_split(len(images), settings.holdout_ratio, settings.seed)
@@ -201,31 +226,35 @@ def fit_baseline(
         elif epoch - best_epoch >= settings.patience:
             break
     bar.close()
-    assert best_state is not None
+    if best_state is None:
+        raise ModelFileError(
+            f"training diverged: the held-out loss was {losses[-1]['held_out']} from the first epoch on; "
+            "lower --learning-rate"
+        )
     networks["model"].load_state_dict(best_state)
     seconds = time.perf_counter() - started
     baseline = Baseline(networks["model"].eval(), settings, preprocess, None, None)
     held_paths = [images[i] for i in held_idx]
     scored = [r for _, r in baseline.score_paths(held_paths) if isinstance(r, ScoredImage)]
-    scores = np.array([r.image_score for r in scored])
-    maxima = np.array([float(r.anomaly_map.max()) for r in scored])
+    # The image score is the map's maximum, so both thresholds are one. The held-out images also
+    # chose the best epoch: the thresholds may sit a little lower than on unseen good images.
+    threshold = calibrate(np.array([r.image_score for r in scored]), settings.threshold_sigma)
     thresholds = {
-        "image": calibrate(scores, settings.threshold_sigma),
-        "pixel": calibrate(maxima, settings.threshold_sigma),
+        "image": threshold,
+        "pixel": threshold,
         "rule": RULE,
         "sigma": settings.threshold_sigma,
-        "held_out": [
-            {"path": r.path, "score": round(r.image_score, 6), "map_max": round(float(m), 6)}
-            for r, m in zip(scored, maxima)
-        ],
+        "held_out": [{"path": r.path, "score": round(r.image_score, 6)} for r in scored],
     }
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in networks["model"].state_dict().items()}
-    blob = out / WEIGHTS
+    recorded = asdict(settings)
+    # One metadata key: safetensors writes several in no fixed order, and the file's bytes would differ.
+    data = save(weights, metadata={"description": _settings_digest(recorded, thresholds)})
     description = BaselineDescription(
         method=settings.method,
         category=category,
-        settings=asdict(settings),
+        settings=recorded,
         package_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         training={
@@ -239,17 +268,14 @@ def fit_baseline(
             "losses": losses,
         },
         thresholds=thresholds,
-        weights={},
+        weights={"file": WEIGHTS, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
     )
-
-    def write_weights(path: str) -> None:
-        save_file(weights, path, metadata={"format": FORMAT, "method": settings.method})
-
-    # The weights first, then the description that names their checksum: all or nothing.
-    save_together([(blob, write_weights)])
-    data = blob.read_bytes()
-    description.weights = {"file": WEIGHTS, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    save_together([(out / DESCRIPTION, lambda p: Path(p).write_text(description.to_json()))])
+    save_together(  # both files, or neither (a model retrained into the same folder included)
+        [
+            (out / WEIGHTS, lambda p: Path(p).write_bytes(data)),
+            (out / DESCRIPTION, lambda p: Path(p).write_text(description.to_json())),
+        ]
+    )
     return Baseline(baseline.model, settings, preprocess, thresholds["image"], thresholds["pixel"], description)
 
 
@@ -283,22 +309,37 @@ class Baseline:
             raise ModelFileError(f"{folder / DESCRIPTION} is not a baseline description ({exc})") from None
         if description.format != FORMAT or description.schema != SCHEMA or description.method not in METHODS:
             raise ModelFileError(f"{folder / DESCRIPTION} describes no baseline this version reads")
+        if not all(
+            isinstance(part, dict) for part in (description.settings, description.thresholds, description.weights)
+        ):
+            raise ModelFileError(
+                f"{folder / DESCRIPTION} is not a baseline description (settings, thresholds, weights)"
+            )
         blob = folder / description.weights.get("file", WEIGHTS)
         try:
             data = blob.read_bytes()
         except OSError as exc:
             raise ModelFileError(f"cannot read the weights {blob}: {exc}") from None
-        if hashlib.sha256(data).hexdigest() != description.weights.get("sha256"):
-            raise ModelFileError(f"{blob} does not match {DESCRIPTION} (damaged or replaced); train the model again")
-        settings = TrainingSettings(**description.settings)
-        model = _networks(settings)["model"]
+        try:
+            if hashlib.sha256(data).hexdigest() != description.weights.get("sha256"):
+                raise ModelFileError(
+                    f"{blob} does not match {DESCRIPTION} (damaged or replaced); train the model again"
+                )
+            if safe_open_metadata(blob).get("description") != _settings_digest(
+                description.settings, description.thresholds
+            ):
+                raise ModelFileError(f"{folder / DESCRIPTION} was edited since training; train the model again")
+            settings = TrainingSettings(**description.settings)
+            model = _networks(settings, training=False)["model"]
+            thresholds = float(description.thresholds["image"]), float(description.thresholds["pixel"])
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            raise ModelFileError(f"{folder / DESCRIPTION} is not a baseline description ({exc!r})") from None
         try:
             model.load_state_dict(load_file(blob))
         except (SafetensorError, RuntimeError, OSError) as exc:
             kind = f"a {settings.method} at {settings.image_size} px"
             raise ModelFileError(f"{blob} does not fit {kind}: {exc}") from None
-        thresholds = description.thresholds
-        return cls(model, settings, _preprocess(settings), thresholds["image"], thresholds["pixel"], description)
+        return cls(model, settings, _preprocess(settings), *thresholds, description)
 
     @torch.no_grad()
     def score_paths(self, paths: Iterable[Path]) -> Iterator[tuple[Path, ScoredImage | ImageError]]:

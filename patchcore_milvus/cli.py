@@ -130,6 +130,8 @@ def config_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
+# Where each command's large writes go, for the full-disk message.
+_ELSEWHERE = {"ingest": "TMPDIR", "query": "--out", "evaluate": "--report", "watch": "--results", "baseline": "--out"}
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 
@@ -170,9 +172,13 @@ class _Group(click.Group):
             where = exc.filename
             if where is None:  # a write without a name: ingest's patch features, in the temporary folder
                 where = f"the temporary folder {tempfile.gettempdir()}" if command == "ingest" else "a file"
-            elsewhere = {"ingest": "TMPDIR", "query": "--out", "evaluate": "--report", "watch": "--results"}.get(
-                command, "TMPDIR"
-            )
+            elsewhere = {
+                "ingest": "TMPDIR",
+                "query": "--out",
+                "evaluate": "--report",
+                "watch": "--results",
+                "baseline": "--out",
+            }.get(command, "TMPDIR")
             click.secho(
                 f"error: {where}: {exc.strerror or exc}. Free some space (or point {elsewhere} elsewhere) "
                 "and check the permissions of that folder; outputs are written whole or not at all.",
@@ -483,13 +489,15 @@ def evaluate(
 
     if (method != "patchcore" or compare) and model_dir is None:
         raise click.UsageError("a baseline needs --model-dir: the folder `baseline fit --out` wrote")
+    if compare and method != "patchcore":
+        raise click.UsageError("--compare evaluates all three methods: leave out --method")
     if method != "patchcore" and not compare:
         if all_categories or not categories:
             raise click.UsageError("give --category NAME (repeatable) for a baseline")
         evaluated: list[CategoryEvaluation] = []
         scorers: dict[str, Scorer] = {}
         for category in categories:
-            scorers[category] = _baseline(model_dir, method, category, several=len(categories) > 1)
+            scorers[category] = _baseline(model_dir, method, category)
             evaluated.append(
                 evaluate_baseline(
                     scorers[category], category, data_root / category, pixel_size, config.progress, strict_masks
@@ -507,6 +515,12 @@ def evaluate(
         raise click.UsageError("give --category NAME (repeatable) or --all")
     if report_dir is not None and search not in ("both", "all"):  # a report compares with exact search
         search = "all" if search == "local" else "both"
+    baselines: dict[tuple[str, str], Any] = {}
+    if compare:  # every model checked before the first image is scored
+        assert model_dir is not None
+        for name in ("autoencoder", "gan"):
+            for category in categories:
+                baselines[name, category] = _baseline(model_dir / name, name, category)
     banks: dict[str, Scorer] = {}
     evaluations = []
     for category in categories:
@@ -515,28 +529,22 @@ def evaluate(
         evaluations.append(
             evaluate_category(bank, category, data_root / category, search, pixel_size, config.progress, strict_masks)
         )
-    baselines = {}
-    if compare:
-        assert model_dir is not None
-        for name in ("autoencoder", "gan"):
-            for category in categories:
-                model = _baseline(model_dir / name, name, category, several=True)
-                evaluation = evaluate_baseline(
-                    model, category, data_root / category, pixel_size, config.progress, strict_masks
-                )
-                baselines[name, category] = evaluation
     report = summary(evaluations)
     if compare:
-        report["compare"] = _comparison(evaluations, baselines)
+        evaluated = {
+            key: evaluate_baseline(model, key[1], data_root / key[1], pixel_size, config.progress, strict_masks)
+            for key, model in baselines.items()
+        }
+        report["compare"] = _comparison(evaluations, evaluated)
     _print_evaluation(report, evaluations, banks, report_dir)
 
 
-def _baseline(model_dir: Path | None, method: str, category: str, several: bool) -> Any:
-    """The baseline of `category` in `model_dir` (DIR/<category> where DIR holds several), checked."""
+def _baseline(model_dir: Path | None, method: str, category: str) -> Any:
+    """The baseline of `category`: in `model_dir`, or in DIR/<category> where DIR holds no model itself."""
     from patchcore_milvus.baseline import DESCRIPTION, Baseline
 
     assert model_dir is not None
-    folder = model_dir / category if several and not (model_dir / DESCRIPTION).is_file() else model_dir
+    folder = model_dir if (model_dir / DESCRIPTION).is_file() else model_dir / category
     baseline = Baseline.load(folder)
     assert baseline.description is not None
     if baseline.settings.method != method:
@@ -672,7 +680,7 @@ def baseline() -> None:
     "--holdout-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True)
 )
 @click.option("--threshold-sigma", default=4.0, show_default=True, type=click.FloatRange(0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @click.option("--progress/--no-progress", default=True, help="Progress bars (the loss on the training bar).")
 def baseline_fit(
     data_root: Path | None,
