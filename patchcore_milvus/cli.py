@@ -28,6 +28,7 @@ from patchcore_milvus.config import (
     shown_uri,
 )
 from patchcore_milvus.errors import ImageError, ModelFileError, PatchcoreMilvusError
+from patchcore_milvus.files import printable
 
 _HINTS = typing.get_type_hints(Config)
 
@@ -172,13 +173,7 @@ class _Group(click.Group):
             where = exc.filename
             if where is None:  # a write without a name: ingest's patch features, in the temporary folder
                 where = f"the temporary folder {tempfile.gettempdir()}" if command == "ingest" else "a file"
-            elsewhere = {
-                "ingest": "TMPDIR",
-                "query": "--out",
-                "evaluate": "--report",
-                "watch": "--results",
-                "baseline": "--out",
-            }.get(command, "TMPDIR")
+            elsewhere = _ELSEWHERE.get(command or "", "TMPDIR")
             click.secho(
                 f"error: {where}: {exc.strerror or exc}. Free some space (or point {elsewhere} elsewhere) "
                 "and check the permissions of that folder; outputs are written whole or not at all.",
@@ -249,10 +244,8 @@ def ingest(
     config: Config,
 ) -> None:
     """Learn CATEGORY from defect-free images and store its memory bank in Milvus."""
-    from patchcore_milvus.images import scan_folder
     from patchcore_milvus.ingest import append_to_bank, fit_bank
     from patchcore_milvus.milvus import validate_category
-    from patchcore_milvus.mvtec import train_folder
 
     if reviewed is not None:
         _append_reviewed(reviewed, category, data_root, images_dir, config)
@@ -260,19 +253,28 @@ def ingest(
     if category is None:
         raise click.UsageError("give --category (or --from-review CATEGORY)")
     validate_category(category)
+    images, root = _good_images(data_root, category, images_dir)
+    summary = (append_to_bank if append else fit_bank)(category, images, config, root=root)
+    click.echo("\n".join(summary.lines()))
+
+
+def _good_images(data_root: Path | None, category: str, images_dir: Path | None) -> tuple[list[Path], Path]:
+    """A category's good images (DATA_ROOT/<category>/train/good, or any folder), and the folder
+    their names are recorded relative to; what the folder holds besides images is said."""
+    from patchcore_milvus.images import scan_folder
+    from patchcore_milvus.mvtec import train_folder
+
     if images_dir is None:
         if data_root is None:
             raise click.UsageError("give DATA_ROOT (MVTec AD layout) or --images DIR")
-        images_dir = train_folder(data_root, category)
-        root = data_root / category
+        images_dir, root = train_folder(data_root, category), data_root / category
     else:
         root = images_dir
     images, left_out = scan_folder(images_dir)
     _say(left_out)
     if not images:
         raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
-    summary = (append_to_bank if append else fit_bank)(category, images, config, root=root)
-    click.echo("\n".join(summary.lines()))
+    return images, root
 
 
 def _append_reviewed(
@@ -292,8 +294,7 @@ def _append_reviewed(
 
 def _printable(path: Path) -> str:
     """A path on one line: a newline or another control character in a file name is escaped."""
-    text = str(path)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return printable(str(path))
 
 
 def _say(warning: str | None) -> None:
@@ -700,17 +701,8 @@ def baseline_fit(
 ) -> None:
     """Train a baseline on CATEGORY's good images (DATA_ROOT/<category>/train/good) into --out."""
     from patchcore_milvus.baseline import TrainingSettings, fit_baseline
-    from patchcore_milvus.images import scan_folder
-    from patchcore_milvus.mvtec import train_folder
 
-    if images_dir is None:
-        if data_root is None:
-            raise click.UsageError("give DATA_ROOT (MVTec AD layout) or --images DIR")
-        images_dir = train_folder(data_root, category)
-    images, left_out = scan_folder(images_dir)
-    _say(left_out)
-    if not images:
-        raise ImageError(f"no images (png, jpg, bmp, tif, webp) in {images_dir}")
+    images, _ = _good_images(data_root, category, images_dir)
     rate = {} if learning_rate is None else {"learning_rate": learning_rate}
     settings = TrainingSettings(
         method, image_size, epochs, patience, batch_size, holdout_ratio=holdout_ratio,

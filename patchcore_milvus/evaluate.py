@@ -219,12 +219,7 @@ def evaluate_category(
     scored = {name: score_set(b, images, shape, name, progress) for name, b in methods.items()}
     description = bank.description
     report: dict[str, Any] = {
-        "category": category,
-        "test_images": len(images),
-        "defect_types": sorted({i.defect for i in images} - {GOOD}),
-        "pixel_size": pixel_size,
-        "pixel_shape": list(shape),  # width, height
-        "masks": mask_coverage(images, category_root),
+        **_report_head(category, images, category_root, pixel_size, shape),
         "bank": {
             "collection": bank.version,
             "vectors": description.coreset.size,
@@ -251,6 +246,20 @@ def evaluate_category(
     return CategoryEvaluation(category, report, curves, images, {k: v.scores for k, v in scored.items()})
 
 
+def _report_head(
+    category: str, images: list[LabelledImage], category_root: Path, pixel_size: int, shape: tuple[int, int]
+) -> dict[str, Any]:
+    """What every category's report starts with, whichever method scored it."""
+    return {
+        "category": category,
+        "test_images": len(images),
+        "defect_types": sorted({i.defect for i in images} - {GOOD}),
+        "pixel_size": pixel_size,
+        "pixel_shape": list(shape),  # width, height
+        "masks": mask_coverage(images, category_root),
+    }
+
+
 def evaluate_baseline(
     baseline: Baseline, category: str, category_root: Path, pixel_size: int, progress: bool, strict_masks: bool = False
 ) -> CategoryEvaluation:
@@ -263,12 +272,7 @@ def evaluate_baseline(
     description = baseline.description
     training = {} if description is None else description.training
     report: dict[str, Any] = {
-        "category": category,
-        "test_images": len(images),
-        "defect_types": sorted({i.defect for i in images} - {GOOD}),
-        "pixel_size": pixel_size,
-        "pixel_shape": list(shape),
-        "masks": mask_coverage(images, category_root),
+        **_report_head(category, images, category_root, pixel_size, shape),
         "model": {
             "method": method,
             "image_size": baseline.settings.image_size,

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+def printable(text: str) -> str:
+    """A name on one line, without control characters (a newline or a terminal escape in a file
+    name stays text)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+@contextmanager
+def exclusive(lock: Path, busy: Exception | None = None) -> Iterator[None]:
+    """Hold `lock` (made where missing) against every other process and thread that takes it:
+    flock, one per open file, so threads exclude each other too. Opened read-only, so that
+    another user sharing the folder can take it. Waits for it, or with `busy` raises that while
+    another holds it."""
+    handle = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if busy is None else fcntl.LOCK_NB))
+        except BlockingIOError:
+            assert busy is not None
+            raise busy from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def cache_folder(kind: str) -> Path:

@@ -17,7 +17,6 @@ restart and an ingest host sharing the folder can run the append.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from PIL import Image
 
 from patchcore_milvus.config import Config
 from patchcore_milvus.errors import ImageError, ReviewError
-from patchcore_milvus.files import save_together, sync
+from patchcore_milvus.files import exclusive, save_together, sync
 from patchcore_milvus.images import load_rgb
 from patchcore_milvus.milvus import BankStore, validate_category
 
@@ -75,22 +74,12 @@ class ReviewQueue:
 
     @contextmanager
     def _locked(self, category: str, name: str = ".queue.lock", wait: bool = True) -> Iterator[Path]:
-        """The category's folder (made where missing), held exclusively against every other
-        process and thread that takes the same lock (flock: one per open file, so threads exclude
-        each other too). Opened read-only: another user sharing the folder can take it too."""
+        """The category's folder (made where missing), held under its lock `name` (`exclusive`)."""
         folder = self._category(category)
         _make_folder(folder)
-        handle = os.open(folder / name, os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise ReviewError(
-                    f"an append of {category}'s reviewed images is running already; retry when it is done"
-                ) from None
+        busy = ReviewError(f"an append of {category}'s reviewed images is running already; retry when it is done")
+        with exclusive(folder / name, None if wait else busy):
             yield folder
-        finally:
-            os.close(handle)  # releases the lock
 
     def add_good(self, record: dict[str, Any], image: Image.Image) -> Decision:
         """Queue a DEFECT inspection whose part was found good (`record`: the station's answer,

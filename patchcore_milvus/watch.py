@@ -12,7 +12,6 @@ whatever is in the folder and not in the results is scored. One watcher per resu
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 from patchcore_milvus.bank import Bank, Inspection
 from patchcore_milvus.errors import ConfigError, ImageError, PatchcoreMilvusError
-from patchcore_milvus.files import sync
+from patchcore_milvus.files import exclusive, printable, sync
 from patchcore_milvus.images import IMAGE_SUFFIXES
 from patchcore_milvus.regions import defect_regions
 
@@ -68,11 +67,6 @@ class WatchSettings:
             raise ConfigError(
                 f"interval must be at least 0.01 s and settle not negative: {self.interval}, {self.settle}"
             )
-
-
-def printable(text: str) -> str:
-    """A name on one line, without control characters (a terminal escape stays text)."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class HotFolder:
@@ -173,15 +167,8 @@ def only_watcher(results: Path) -> Iterator[None]:
     """One watcher per results file: a second is refused, not let in to score the same files."""
     results.parent.mkdir(parents=True, exist_ok=True)
     lock = results.with_name(f".{results.name}.lock")
-    handle = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another watch writes {results} already (its lock: {lock}); stop it first") from None
+    with exclusive(lock, ConfigError(f"another watch writes {results} already (its lock: {lock}); stop it first")):
         yield
-    finally:
-        os.close(handle)
 
 
 def _now() -> str:

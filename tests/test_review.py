@@ -36,7 +36,7 @@ def inspect(bank: Bank, image: Image.Image, key: str) -> dict:
 def test_a_part_found_good_on_review_grows_the_bank_and_is_no_longer_called_defective(banked: Config):
     bank = Bank.open("texture", banked)
     record = inspect(bank, variant(200), "a1")
-    assert record["verdict"] == "DEFECT"  # the new variant, before review (31.3 against 9.7)
+    assert record["verdict"] == "DEFECT"  # the new variant, before review
     queue = ReviewQueue(banked.review_folder)
     queue.add_good(record, variant(200))
     for i in range(2, 5):
@@ -52,8 +52,7 @@ def test_a_part_found_good_on_review_grows_the_bank_and_is_no_longer_called_defe
     assert summary.collection == new_version != before
     assert again.queued("texture") == []
     assert [(d.id, d.added_to, d.published) for d in again.added("texture")] == [(i, new_version, True) for i in ids]
-    # Another part of the variant, not reviewed: the station follows the alias and calls it good
-    # (5.7 against the unchanged threshold 9.7).
+    # Another part of the variant, not reviewed: the station follows the alias and calls it good.
     later = inspect(bank, variant(220), "a5")
     assert later["bank_version"] == new_version and later["verdict"] == "OK"
     events = [json.loads(line)["event"] for line in (Path(banked.review_folder) / "texture" / LOG).open()]
